@@ -1,0 +1,227 @@
+"""PapertrailHook: the connection, the OAuth client and the encrypted grant of one connection."""
+
+from __future__ import annotations
+
+import json
+import time
+from functools import cached_property
+from typing import TYPE_CHECKING, Any
+
+from airflow.sdk import BaseHook
+
+from airflow_papertrail.exceptions import PapertrailConfigurationError, PapertrailError
+from airflow_papertrail.oauth.client import OAuthClient
+from airflow_papertrail.oauth.config import (
+    CLIENT_AUTH_METHODS,
+    DEFAULT_BASE_URL,
+    DEFAULT_LEEWAY,
+    DEFAULT_TIMEOUT,
+    OAuthClientConfig,
+    system_warnings,
+)
+from airflow_papertrail.token_store import VariableTokenStore
+
+if TYPE_CHECKING:
+    from airflow.sdk import Connection
+
+    from airflow_papertrail.token_store import StoredGrant
+
+CONN_TYPE = "papertrail"
+
+#: Extra fields of the connection form (also declared in ``get_provider_info``).
+EXTRA_FIELDS = (
+    "redirect_uri",
+    "scope",
+    "system",
+    "authorize_url",
+    "token_url",
+    "api_url",
+    "client_auth_method",
+    "use_pkce",
+    "issuer",
+    "ca_bundle",
+    "timeout",
+    "leeway",
+)
+
+
+def mask(value: str | None) -> None:
+    """Register a sensitive value with Airflow's secrets masker (task and supervisor)."""
+    if not value:
+        return
+    from airflow.sdk.log import mask_secret
+
+    mask_secret(value)
+
+
+def _as_bool(name: str, value: Any, default: bool) -> bool:
+    if value is None or value == "":
+        return default
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in ("1", "true", "yes", "on"):
+        return True
+    if text in ("0", "false", "no", "off"):
+        return False
+    raise PapertrailConfigurationError(f"connection extra {name!r} must be true or false, got {value!r}")
+
+
+def _as_float(name: str, value: Any, default: float) -> float:
+    if value is None or value == "":
+        return default
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        raise PapertrailConfigurationError(
+            f"connection extra {name!r} must be a number of seconds, got {value!r}"
+        ) from None
+
+
+def config_from_connection(conn: Connection) -> OAuthClientConfig:
+    """Map an Airflow connection to the OAuth core's configuration (not yet validated).
+
+    login = client ID, password = client secret, host = base URL; everything else from
+    ``extra`` (plain names, or the ``extra__papertrail__`` prefixed form older UIs wrote).
+    """
+    extra = _extras(conn)
+
+    def opt(name: str) -> Any:
+        value = extra.get(name, extra.get(f"extra__{CONN_TYPE}__{name}"))
+        return value.strip() if isinstance(value, str) else value
+
+    host = (conn.host or "").strip()
+    if host and "://" not in host:
+        host = "https://" + host
+    if host and conn.port:
+        host = f"{host.rstrip('/')}:{conn.port}"
+    system = opt("system") or None
+    return OAuthClientConfig(
+        client_id=(conn.login or "").strip(),
+        client_secret=conn.password or "",
+        redirect_uri=opt("redirect_uri") or None,
+        scope=" ".join(str(opt("scope") or "").replace(",", " ").split()),
+        system=system,
+        base_url=host.rstrip("/") or DEFAULT_BASE_URL,
+        authorize_url=opt("authorize_url") or None,
+        token_url=opt("token_url") or None,
+        api_url=opt("api_url") or None,
+        client_auth_method=opt("client_auth_method") or "client_secret_post",
+        use_pkce=_as_bool("use_pkce", opt("use_pkce"), True),
+        issuer=opt("issuer") or None,
+        ca_bundle=opt("ca_bundle") or None,
+        timeout=_as_float("timeout", opt("timeout"), DEFAULT_TIMEOUT),
+        leeway=_as_float("leeway", opt("leeway"), DEFAULT_LEEWAY),
+        warnings=system_warnings(system),
+    )
+
+
+def _extras(conn: Connection) -> dict[str, Any]:
+    raw = conn.extra
+    if not raw:
+        return {}
+    if isinstance(raw, dict):
+        return raw
+    try:
+        value = json.loads(raw)
+    except ValueError:
+        raise PapertrailConfigurationError(
+            f"the extra of connection {conn.conn_id!r} is not valid JSON; fix it in the connection form"
+        ) from None
+    if not isinstance(value, dict):
+        raise PapertrailConfigurationError(f"the extra of connection {conn.conn_id!r} must be a JSON object")
+    return value
+
+
+class PapertrailHook(BaseHook):
+    """Interact with Papertrail-ai through an OAuth 2 authorization-code grant.
+
+    Creating the hook does no I/O: the connection is read on first use.
+
+    :param papertrail_conn_id: the ``papertrail`` connection to use.
+    """
+
+    conn_name_attr = "papertrail_conn_id"
+    default_conn_name = "papertrail_default"
+    conn_type = CONN_TYPE
+    hook_name = "Papertrail-ai"
+
+    def __init__(self, papertrail_conn_id: str = default_conn_name, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.papertrail_conn_id = papertrail_conn_id
+
+    @cached_property
+    def connection(self) -> Connection:
+        conn = self.get_connection(self.papertrail_conn_id)
+        mask(conn.password)
+        return conn
+
+    @cached_property
+    def config(self) -> OAuthClientConfig:
+        """The validated client configuration of the connection."""
+        config = config_from_connection(self.connection)
+        for warning in config.warnings:
+            self.log.warning("Papertrail-ai connection %r: %s", self.papertrail_conn_id, warning)
+        return config.validate(need_redirect_uri=False, conn_id=self.papertrail_conn_id)
+
+    def get_conn(self) -> OAuthClient:
+        """The OAuth client of this connection (masks every secret it sees)."""
+        return self.oauth_client
+
+    @cached_property
+    def oauth_client(self) -> OAuthClient:
+        return OAuthClient(self.config, on_secret=mask)
+
+    @cached_property
+    def token_store(self) -> VariableTokenStore:
+        return VariableTokenStore(self.papertrail_conn_id, on_secret=mask)
+
+    def get_stored_grant(self) -> StoredGrant | None:
+        return self.token_store.load()
+
+    def test_connection(self) -> tuple[bool, str]:
+        """Check the configuration and the client credentials without spending anything.
+
+        Reaches the token endpoint with a made-up code (``invalid_grant`` = credentials
+        accepted, ``invalid_client``/401 = rejected) and reports the stored grant's state.
+        Never raises, never uses a stored code or refresh token.
+        """
+        try:
+            config = config_from_connection(self.connection)
+            problems = config.problems(need_redirect_uri=True)
+        except Exception as exc:
+            return False, f"Connection {self.papertrail_conn_id!r} cannot be read: {_safe(exc)}"
+        if problems:
+            return False, "Configuration problems: " + "; ".join(problems) + "."
+        try:
+            probe = OAuthClient(config, on_secret=mask).probe()
+        except Exception as exc:
+            return False, f"Token endpoint check failed: {_safe(exc)}"
+        grant = self._describe_grant()
+        notes = " ".join(config.warnings)
+        message = f"{probe.message}. {grant}" + (f" Note: {notes}." if notes else "")
+        return probe.ok, message
+
+    def _describe_grant(self) -> str:
+        try:
+            stored = self.token_store.load()
+        except Exception as exc:
+            return f"Stored grant: unreadable ({_safe(exc)})."
+        if stored is None:
+            return "Stored grant: none yet (run the papertrail_authorize DAG)."
+        expires = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(stored.token.expires_at))
+        if stored.token.is_expired(time.time()):
+            if stored.token.refresh_token:
+                return f"Stored grant: access token expired at {expires}; it will be refreshed on next use."
+            return f"Stored grant: expired at {expires} and has no refresh token; re-run the papertrail_authorize DAG."
+        return f"Stored grant: valid until {expires} (generation {stored.generation})."
+
+
+def _safe(exc: BaseException) -> str:
+    # Our own errors never carry secrets; for anything else show only the type.
+    if isinstance(exc, PapertrailError):
+        return str(exc)
+    return type(exc).__name__
+
+
+__all__ = ["CLIENT_AUTH_METHODS", "PapertrailHook", "config_from_connection"]

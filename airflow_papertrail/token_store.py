@@ -1,0 +1,249 @@
+"""Encrypted grant custody in Airflow Variables.
+
+One Variable per connection, named ``papertrail_grant__<conn_id>``; its value is an
+envelope from :mod:`airflow_papertrail.oauth.envelope` whose ciphertext holds the tokens,
+their absolute expiry, a generation counter and the connection id. Keys come from
+``[papertrail] token_encryption_keys`` (comma-separated Fernet keys; the first encrypts,
+all decrypt) and never live next to the ciphertext.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Protocol
+
+from airflow_papertrail.exceptions import TokenStoreError, TokenWriteVerificationError
+from airflow_papertrail.oauth.envelope import TokenCipher, parse_keys
+from airflow_papertrail.oauth.tokens import Token
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
+log = logging.getLogger(__name__)
+
+CONFIG_SECTION = "papertrail"
+KEYS_OPTION = "token_encryption_keys"
+GRANT_KIND = "grant"
+GRANT_VARIABLE_PREFIX = "papertrail_grant__"
+
+
+def grant_variable_key(conn_id: str) -> str:
+    """Name of the Variable that holds the encrypted grant of ``conn_id``."""
+    return f"{GRANT_VARIABLE_PREFIX}{conn_id}"
+
+
+def _conf_get(option: str) -> str | None:
+    from airflow.sdk import conf
+
+    value = conf.get(CONFIG_SECTION, option, fallback=None)
+    return str(value) if value is not None else None
+
+
+def load_cipher() -> TokenCipher:
+    """A cipher over ``[papertrail] token_encryption_keys``; raises a clear error without keys."""
+    return TokenCipher(parse_keys(_conf_get(KEYS_OPTION)))
+
+
+class VariableBackend(Protocol):
+    """Raw string access to Airflow Variables (Task SDK in tasks, ORM in the api-server)."""
+
+    def get(self, key: str) -> str | None: ...
+
+    def set(self, key: str, value: str, description: str | None = None) -> None: ...
+
+    def delete(self, key: str) -> None: ...
+
+
+class SdkVariables:
+    """Variables through the Task SDK (tasks and triggers)."""
+
+    def get(self, key: str) -> str | None:
+        from airflow.sdk import Variable
+
+        value = Variable.get(key, default=None)
+        return None if value is None else str(value)
+
+    def set(self, key: str, value: str, description: str | None = None) -> None:
+        from airflow.sdk import Variable
+
+        Variable.set(key, value, description=description)
+
+    def delete(self, key: str) -> None:
+        from airflow.sdk import Variable
+
+        Variable.delete(key)
+
+
+@dataclass(frozen=True, repr=False)
+class StoredGrant:
+    """A decrypted grant with its custody metadata."""
+
+    conn_id: str
+    token: Token
+    generation: int
+    updated_at: float
+
+    def __repr__(self) -> str:
+        return f"StoredGrant(conn_id={self.conn_id!r}, generation={self.generation}, token={self.token!r})"
+
+    def to_payload(self) -> dict[str, Any]:
+        return {"token": self.token.to_dict(), "generation": self.generation, "updated_at": self.updated_at}
+
+
+class VariableTokenStore:
+    """Reads and writes the encrypted grant of one connection.
+
+    :param conn_id: the Papertrail-ai connection the grant belongs to.
+    :param cipher: defaults to the configured keys (resolved lazily, on first use).
+    :param backend: defaults to :func:`default_backend`.
+    :param on_secret: called with every token value read from the store (``mask_secret``).
+    """
+
+    def __init__(
+        self,
+        conn_id: str,
+        *,
+        cipher: TokenCipher | None = None,
+        backend: VariableBackend | None = None,
+        clock: Callable[[], float] = time.time,
+        on_secret: Callable[[str], None] | None = None,
+    ) -> None:
+        self.conn_id = conn_id
+        self._cipher = cipher
+        self.backend: VariableBackend = backend or default_backend()
+        self.clock = clock
+        self._on_secret = on_secret
+
+    @property
+    def key(self) -> str:
+        return grant_variable_key(self.conn_id)
+
+    @property
+    def cipher(self) -> TokenCipher:
+        if self._cipher is None:
+            self._cipher = load_cipher()
+        return self._cipher
+
+    def load(self) -> StoredGrant | None:
+        """The stored grant, or None when there is none. Undecryptable values raise and stay untouched."""
+        raw = self.backend.get(self.key)
+        if raw is None or raw == "":
+            return None
+        payload = self.cipher.open(GRANT_KIND, self.conn_id, raw, where=f"Variable {self.key!r}")
+        try:
+            grant = StoredGrant(
+                conn_id=self.conn_id,
+                token=Token.from_dict(payload["token"]),
+                generation=int(payload["generation"]),
+                updated_at=float(payload["updated_at"]),
+            )
+        except (KeyError, TypeError, ValueError):
+            raise TokenStoreError(
+                f"Variable {self.key!r} decrypted but its content is incomplete; it was left untouched. "
+                f"Re-run the papertrail_authorize DAG for connection {self.conn_id!r}."
+            ) from None
+        if self._on_secret:
+            for value in grant.token.secrets:
+                self._on_secret(value)
+        return grant
+
+    def save(self, token: Token, *, based_on: StoredGrant | None = None) -> StoredGrant:
+        """Encrypt and store ``token``, then read it back and fail loudly if it differs.
+
+        The generation is ``based_on.generation + 1`` (1 for a first grant), so every
+        reader can tell a newer grant from an older one.
+        """
+        grant = StoredGrant(
+            conn_id=self.conn_id,
+            token=token,
+            generation=(based_on.generation + 1) if based_on else 1,
+            updated_at=self.clock(),
+        )
+        envelope = self.cipher.seal(GRANT_KIND, self.conn_id, grant.to_payload())
+        self._write_verified(envelope)
+        log.info(
+            "Stored the encrypted Papertrail-ai grant of connection %r in Variable %r (generation %d, access token expires at %s).",
+            self.conn_id,
+            self.key,
+            grant.generation,
+            time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(token.expires_at)),
+        )
+        return grant
+
+    def _write_verified(self, envelope: str) -> None:
+        description = (
+            f"Encrypted Papertrail-ai OAuth grant of connection {self.conn_id!r}. "
+            "Managed by airflow-provider-papertrail: do not edit."
+        )
+        try:
+            self.backend.set(self.key, envelope, description)
+        except Exception as exc:
+            raise TokenWriteVerificationError(
+                f"could not write Variable {self.key!r} for connection {self.conn_id!r} ({type(exc).__name__})"
+            ) from None
+        try:
+            stored = self.backend.get(self.key)
+        except Exception as exc:
+            stored = None
+            reason = type(exc).__name__
+        else:
+            reason = "a different value was read back"
+        if stored != envelope:
+            # Airflow 3's Task SDK can log an API error from Variable.set and carry on
+            # (apache/airflow#68537); never continue on an unconfirmed write.
+            raise TokenWriteVerificationError(
+                f"the encrypted grant of connection {self.conn_id!r} was written to Variable {self.key!r} but "
+                f"{reason} (the write was lost, or a secrets backend shadows that Variable). The new grant "
+                "was not confirmed; check the api-server logs and the secrets backend, then retry."
+            )
+
+    def delete(self) -> None:
+        self.backend.delete(self.key)
+
+    def rotate_keys(self) -> bool:
+        """Re-encrypt the stored grant under the first key. Returns False when there is none."""
+        raw = self.backend.get(self.key)
+        if not raw:
+            return False
+        self.cipher.open(GRANT_KIND, self.conn_id, raw, where=f"Variable {self.key!r}")  # refuse foreign values
+        self._write_verified(self.cipher.rotate(raw))
+        return True
+
+
+class OrmVariables:
+    """Variables through the metadata DB (api-server process, CLI, tests with a DB).
+
+    Values are additionally Fernet-encrypted by Airflow's ``[core] fernet_key`` there.
+    """
+
+    def get(self, key: str) -> str | None:
+        from airflow.models.variable import Variable
+
+        value = Variable.get(key, default_var=None)
+        return None if value is None else str(value)
+
+    def set(self, key: str, value: str, description: str | None = None) -> None:
+        from airflow.models.variable import Variable
+
+        Variable.set(key, value, description=description)
+
+    def delete(self, key: str) -> None:
+        from airflow.models.variable import Variable
+
+        Variable.delete(key)
+
+
+def in_task_runtime() -> bool:
+    """Whether this process talks to Airflow through a supervisor (task, triggerer, dag processor)."""
+    try:
+        from airflow.sdk.execution_time import task_runner
+    except ImportError:  # pragma: no cover
+        return False
+    return getattr(task_runner, "SUPERVISOR_COMMS", None) is not None
+
+
+def default_backend() -> VariableBackend:
+    """Task SDK Variables inside tasks and triggers; the metadata DB elsewhere (api-server)."""
+    return SdkVariables() if in_task_runtime() else OrmVariables()
