@@ -73,6 +73,11 @@ CONN_FIELDS: dict[str, dict[str, Any]] = {
         "PEM file of extra trusted CAs (TLS is always verified).",
         {"type": ["string", "null"]},
     ),
+    "leeway": _field(
+        "Refresh leeway (seconds)",
+        "Refresh the access token this long before it expires.",
+        {"type": ["number", "null"], "default": 120},
+    ),
     "timeout": _field(
         "HTTP timeout (seconds)",
         "Connect and read timeout of every request.",
