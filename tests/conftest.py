@@ -58,6 +58,13 @@ def append_captured(text: str) -> None:
         fh.write("\n")
 
 
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    # Everything a test printed or logged (structlog prints to stdout) feeds the canary.
+    text = "\n".join(content for _, content in report.sections)
+    if text:
+        append_captured(text)
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     # The canary must see the logs of every other test.
     items.sort(key=lambda item: 1 if item.get_closest_marker("canary") else 0)

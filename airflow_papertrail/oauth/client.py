@@ -245,7 +245,7 @@ class OAuthClient:
             return status, payload
         error = payload.get("error") if isinstance(payload, dict) else None
         description = payload.get("error_description") if isinstance(payload, dict) else None
-        if status == 429 or (status >= 500 and not error):
+        if status == 429 or status >= 500:
             retry_after = response.headers.get("Retry-After")
             hint = f"; the server asked to wait {sanitize_description(retry_after, 40)} s" if retry_after else ""
             if refresh and status not in (429, 503):

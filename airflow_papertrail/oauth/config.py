@@ -129,6 +129,11 @@ class OAuthClientConfig:
             )
         elif self.redirect_uri:
             problems.extend(check_url("redirect_uri", self.redirect_uri))
+        if need_redirect_uri and not self.system:
+            problems.append(
+                "system is missing: set the connection extra 'system' to the accounting system to connect "
+                f"({', '.join(KNOWN_SYSTEMS)})"
+            )
         for name, url in (
             ("base URL (host)", self.base_url),
             ("authorize_url", self.effective_authorize_url),

@@ -11,7 +11,7 @@ from cryptography.fernet import Fernet
 
 from airflow_papertrail.oauth.envelope import TokenCipher
 from tests.conftest import CLIENT_ID, CLIENT_SECRET, REDIRECT_URI
-from tests.integration.conftest import REPO, airflow_env, run
+from tests.integration.conftest import BIN, REPO, airflow_env, run
 
 pytestmark = pytest.mark.integration
 
@@ -40,11 +40,14 @@ def _dag_test(mode: str, emulator, keys: list[str], code: str = "", check: bool 
     return run([sys.executable, DAG_FILE, mode], env=env, timeout=300, check=check)
 
 
-def _raw_variable(home) -> tuple[str, bool]:
+def _raw_variable(home) -> str:
+    """The Variable's value as a person with Variable access sees it (UI/CLI), after
+    Airflow's own [core] fernet_key layer is removed; plus a check of the DB column."""
     with sqlite3.connect(home / "airflow.db") as db:
-        row = db.execute("select val, is_encrypted from variable where key = ?", (VARIABLE,)).fetchone()
+        row = db.execute("select val from variable where key = ?", (VARIABLE,)).fetchone()
     assert row is not None, "the grant Variable was not written"
-    return row[0], bool(row[1])
+    value = run([str(BIN / "airflow"), "variables", "get", VARIABLE], timeout=120).stdout.strip().splitlines()[-1]
+    return value + "\n" + row[0]
 
 
 def test_exchange_refresh_rotate_through_real_variables(airflow_db, emulator):
@@ -55,11 +58,12 @@ def test_exchange_refresh_rotate_through_real_variables(airflow_db, emulator):
     assert "DAGRUN_STATE=success" in proc.stdout
     assert emulator.stats["authorization_code_grants"] == 1 and emulator.stats["refresh_grants"] == 1
 
-    raw, _ = _raw_variable(airflow_db)
+    raw_and_db = _raw_variable(airflow_db)
+    raw = raw_and_db.splitlines()[0]
     secrets = [s for s in emulator.issued_secrets if s != code]
     assert secrets, "the emulator issued no tokens"
     for value in [*secrets, code, CLIENT_SECRET]:
-        assert value not in raw, "a token or secret reached the Variable in plaintext"
+        assert value not in raw_and_db, "a token or secret reached the Variable in plaintext"
     envelope = json.loads(raw)
     payload = TokenCipher([old_key]).open("grant", "papertrail_it", raw)
     assert payload["generation"] == 2
@@ -77,7 +81,7 @@ def test_exchange_refresh_rotate_through_real_variables(airflow_db, emulator):
     # rotate: new key first, old key still listed -> re-encrypted under the new key
     proc = _dag_test("rotate", emulator, [new_key, old_key])
     assert "DAGRUN_STATE=success" in proc.stdout
-    rotated, _ = _raw_variable(airflow_db)
+    rotated = _raw_variable(airflow_db).splitlines()[0]
     assert rotated != raw
     assert TokenCipher([new_key]).open("grant", "papertrail_it", rotated)["token"] == stored
 
@@ -88,7 +92,7 @@ def test_exchange_refresh_rotate_through_real_variables(airflow_db, emulator):
     proc = _dag_test("read", emulator, [old_key], check=False)
     assert proc.returncode != 0
     assert "cannot be decrypted" in proc.stdout + proc.stderr and VARIABLE in proc.stdout + proc.stderr
-    assert _raw_variable(airflow_db)[0] == rotated
+    assert _raw_variable(airflow_db).splitlines()[0] == rotated
 
     # no key at all: refuses, says how to fix it
     proc = _dag_test("read", emulator, [], check=False)

@@ -89,7 +89,7 @@ def test_extra_params_cannot_override_protocol_parameters(name):
 
 
 def test_authorization_needs_a_redirect_uri():
-    config = OAuthClientConfig(client_id="cid", client_secret="s" * 10)
+    config = OAuthClientConfig(client_id="cid", client_secret="s" * 10, system="xero")
     with pytest.raises(PapertrailConfigurationError, match="redirect_uri is missing"):
         build_authorization_request(config, now=0)
 

@@ -10,6 +10,7 @@ GOOD = {
     "client_id": "cid",
     "client_secret": "secret-value",
     "redirect_uri": "https://af.example.com/papertrail/callback",
+    "system": "xero",
 }
 
 
@@ -19,6 +20,7 @@ GOOD = {
         ({"client_id": ""}, "client ID is missing"),
         ({"client_secret": ""}, "client secret is missing"),
         ({"redirect_uri": None}, "redirect_uri is missing"),
+        ({"system": None}, "system is missing"),
         ({"redirect_uri": "http://af.example.com/cb"}, "uses plain http"),
         ({"redirect_uri": "http://10.0.0.5/cb"}, "uses plain http"),
         ({"redirect_uri": "https://af.example.com/cb#frag"}, "fragment"),
@@ -43,7 +45,7 @@ def test_invalid_configuration_is_refused_with_a_clear_message(changes, fragment
 
 def test_all_problems_are_reported_at_once():
     problems = OAuthClientConfig(client_id="", client_secret="", redirect_uri="http://x.example.com/").problems()
-    assert len(problems) == 3
+    assert len(problems) == 4
 
 
 @pytest.mark.parametrize(
@@ -102,4 +104,4 @@ def test_repr_hides_the_secret():
 def test_unknown_system_is_a_warning_not_an_error():
     assert system_warnings("xero") == ()
     assert "wave" in system_warnings("wave")[0]
-    assert OAuthClientConfig(**GOOD, system="wave").problems() == []
+    assert OAuthClientConfig(**{**GOOD, "system": "wave"}).problems() == []
