@@ -1,0 +1,279 @@
+#!/usr/bin/env python3
+"""The project's two entry points, each bootstrapping its own environment from uv.lock.
+
+    python3 scripts/dev.py demo    # a local Airflow with the provider and the emulator
+    python3 scripts/dev.py test    # ruff + mypy + the whole pytest suite
+
+Needs only Python 3.10-3.13 and pip: uv is installed into .tools/ when it is not on PATH,
+then ``uv sync --locked`` builds .venv/ (bytecode compiled) from the lock file.
+Standard library only: this file runs before any dependency exists.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+TOOLS = ROOT / ".tools"
+VENV = ROOT / ".venv"
+UV_VERSION = "0.13.9"
+BIN = "Scripts" if os.name == "nt" else "bin"
+
+
+def say(message: str) -> None:
+    print(f"[papertrail] {message}", flush=True)
+
+
+def find_uv() -> str:
+    found = shutil.which("uv")
+    if found:
+        return found
+    uv = TOOLS / BIN / "uv"
+    if not uv.exists():
+        say(f"installing uv {UV_VERSION} into {TOOLS.relative_to(ROOT)}/ (one time)")
+        subprocess.run([sys.executable, "-m", "venv", str(TOOLS)], check=True)
+        subprocess.run(
+            [str(TOOLS / BIN / "python"), "-m", "pip", "install", "--quiet", f"uv=={UV_VERSION}"],
+            check=True,
+        )
+    return str(uv)
+
+
+def bootstrap() -> dict[str, str]:
+    """Create/refresh .venv from uv.lock and return an environment that uses it."""
+    if sys.version_info < (3, 10) or sys.version_info >= (3, 14):
+        sys.exit(f"Python 3.10-3.13 is required, this is {sys.version.split()[0]}")
+    env = dict(os.environ)
+    env.update(
+        UV_COMPILE_BYTECODE="1",  # PYTHONDONTWRITEBYTECODE would otherwise make Airflow twice as slow
+        UV_PYTHON_DOWNLOADS="never",
+        UV_PROJECT_ENVIRONMENT=str(VENV),
+        UV_LINK_MODE="copy",
+    )
+    env.pop("VIRTUAL_ENV", None)
+    say("syncing .venv from uv.lock (bytecode compiled)")
+    subprocess.run(
+        [find_uv(), "sync", "--locked", "--python", sys.executable, "--quiet"], cwd=ROOT, env=env, check=True
+    )
+    env["PATH"] = f"{VENV / BIN}{os.pathsep}{env.get('PATH', '')}"
+    env["VIRTUAL_ENV"] = str(VENV)
+    return env
+
+
+def run_step(name: str, cmd: list[str], env: dict[str, str]) -> int:
+    say(f"{name}: {' '.join(cmd)}")
+    return subprocess.run(cmd, cwd=ROOT, env=env).returncode
+
+
+def cmd_test(args: argparse.Namespace) -> int:
+    env = bootstrap()
+    py = str(VENV / BIN / "python")
+    failures = []
+    steps = [
+        ("ruff", [py, "-m", "ruff", "check", "."]),
+        ("ruff format", [py, "-m", "ruff", "format", "--check", "."]),
+        ("mypy", [py, "-m", "mypy"]),
+    ]
+    if not args.skip_lint:
+        for name, cmd in steps:
+            if run_step(name, cmd, env) != 0:
+                failures.append(name)
+    rc = run_step("pytest", [py, "-m", "pytest", *args.pytest_args], env)
+    if rc == 5:
+        say("pytest collected no tests: that is a failure here")
+        failures.append("pytest (no tests)")
+    elif rc != 0:
+        failures.append("pytest")
+    if failures:
+        say("FAILED: " + ", ".join(failures))
+        return 1
+    say("all checks passed")
+    return 0
+
+
+def _free_port(preferred: int) -> int:
+    for port in (preferred, 0):
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return s.getsockname()[1]
+    raise RuntimeError("no free port")
+
+
+def _wait(url: str, deadline: float, procs: list[subprocess.Popen]) -> None:
+    while time.monotonic() < deadline:
+        for proc in procs:
+            if proc.poll() is not None:
+                raise RuntimeError(f"{proc.args[0]} exited with {proc.returncode} before {url} was ready")
+        try:
+            with urllib.request.urlopen(url, timeout=2) as resp:  # noqa: S310 - loopback URL we built
+                if resp.status == 200:
+                    return
+        except OSError:
+            pass
+        time.sleep(0.5)
+    raise RuntimeError(f"{url} not ready in time")
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    env = bootstrap()
+    home = ROOT / ".demo" / "airflow-home"
+    home.mkdir(parents=True, exist_ok=True)
+    key_file = ROOT / ".demo" / "token-encryption-key"
+    if not key_file.exists():
+        from base64 import urlsafe_b64encode
+
+        key_file.write_text(urlsafe_b64encode(secrets.token_bytes(32)).decode())
+        key_file.chmod(0o600)
+    port = _free_port(args.port)
+    emulator_port = _free_port(args.emulator_port)
+    base = f"http://127.0.0.1:{port}"
+    env.update(
+        AIRFLOW_HOME=str(home),
+        AIRFLOW__CORE__LOAD_EXAMPLES="False",
+        AIRFLOW__CORE__DAGS_FOLDER=str(ROOT / "dags"),
+        AIRFLOW__API__PORT=str(port),
+        AIRFLOW__API__HOST="127.0.0.1",
+        AIRFLOW__API__BASE_URL=base,
+        AIRFLOW__CORE__TEST_CONNECTION="Enabled",
+        AIRFLOW__PAPERTRAIL__TOKEN_ENCRYPTION_KEYS=key_file.read_text().strip(),
+    )
+    client_secret = "demo-" + secrets.token_urlsafe(24)
+    redirect_uri = f"{base}/papertrail/callback"
+    procs: list[subprocess.Popen] = []
+    logs = ROOT / ".demo"
+
+    def stop(*_: object) -> None:
+        for proc in reversed(procs):
+            if proc.poll() is None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proc.pid, signal.SIGTERM)
+        deadline = time.monotonic() + 30
+        for proc in procs:
+            try:
+                proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+
+    signal.signal(signal.SIGTERM, lambda *_: (stop(), sys.exit(0)))
+    try:
+        say(f"starting the Papertrail-ai emulator on 127.0.0.1:{emulator_port}")
+        emu_env = dict(env, PAPERTRAIL_EMULATOR_CLIENT_SECRET=client_secret)
+        procs.append(
+            subprocess.Popen(
+                [
+                    str(VENV / BIN / "papertrail-emulator"),
+                    "--host",
+                    "127.0.0.1",
+                    "--port",
+                    str(emulator_port),
+                    "--client-id",
+                    "demo-client",
+                    "--redirect-uri",
+                    redirect_uri,
+                ],
+                cwd=ROOT,
+                env=emu_env,
+                stdout=(logs / "emulator.log").open("w"),
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        )
+        say("migrating the Airflow metadata DB (SQLite)")
+        subprocess.run(["airflow", "db", "migrate"], cwd=ROOT, env=env, check=True, stdout=subprocess.DEVNULL)
+        conn = {
+            "conn_type": "papertrail",
+            "login": "demo-client",
+            "password": client_secret,
+            "host": f"http://127.0.0.1:{emulator_port}",
+            "extra": {"redirect_uri": redirect_uri, "system": "xero", "scope": "accounting.read accounting.write"},
+        }
+        subprocess.run(
+            ["airflow", "connections", "delete", "papertrail_default"],
+            cwd=ROOT,
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        subprocess.run(
+            ["airflow", "connections", "add", "papertrail_default", "--conn-json", json.dumps(conn)],
+            cwd=ROOT,
+            env=env,
+            check=True,
+            stdout=subprocess.DEVNULL,
+        )
+        say(f"starting Airflow (standalone) on {base}; logs in .demo/airflow.log")
+        procs.append(
+            subprocess.Popen(
+                ["airflow", "standalone"],
+                cwd=ROOT,
+                env=env,
+                stdout=(logs / "airflow.log").open("w"),
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        )
+        _wait(f"{base}/api/v2/monitor/health", time.monotonic() + args.timeout, procs)
+        _wait(f"http://127.0.0.1:{emulator_port}/healthz", time.monotonic() + 30, procs)
+        password = "(see .demo/airflow-home/simple_auth_manager_passwords.json.generated)"
+        pw_file = home / "simple_auth_manager_passwords.json.generated"
+        for _ in range(60):
+            if pw_file.exists():
+                password = json.loads(pw_file.read_text()).get("admin", password)
+                break
+            time.sleep(0.5)
+        print()
+        print(f"  Airflow UI:    {base}  (login: admin / {password})")
+        print("  Connection:    papertrail_default (Admin > Connections, type 'Papertrail-ai')")
+        print(f"  Emulator:      http://127.0.0.1:{emulator_port}  (stands in for Papertrail-ai)")
+        print()
+        if args.exit_when_ready:
+            say("ready; stopping (--exit-when-ready)")
+            return 0
+        say("running; press Ctrl-C to stop every process started here")
+        while all(p.poll() is None for p in procs):
+            time.sleep(1)
+        say("a process exited; stopping")
+        return 1
+    except KeyboardInterrupt:
+        say("stopping")
+        return 0
+    finally:
+        stop()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="scripts/dev.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    test = sub.add_parser("test", help="ruff, mypy and the whole pytest suite")
+    test.add_argument("--skip-lint", action="store_true", help="only run pytest")
+    test.add_argument("pytest_args", nargs="*", help="extra pytest arguments (after --)")
+    test.set_defaults(func=cmd_test)
+    demo = sub.add_parser("demo", help="a local Airflow with the provider and the Papertrail-ai emulator")
+    demo.add_argument("--port", type=int, default=8080)
+    demo.add_argument("--emulator-port", type=int, default=8443)
+    demo.add_argument("--timeout", type=float, default=300, help="seconds to wait for Airflow")
+    demo.add_argument("--exit-when-ready", action="store_true", help="stop everything once it is up (for CI)")
+    demo.set_defaults(func=cmd_demo)
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
