@@ -58,6 +58,17 @@ def append_captured(text: str) -> None:
         fh.write("\n")
 
 
+@pytest.fixture(autouse=True)
+def _canary_handler_attached():
+    # Airflow's logging set-up can replace the root handlers; put ours back for every test.
+    root = logging.getLogger()
+    if _handler not in root.handlers:
+        root.addHandler(_handler)
+    if root.level > logging.DEBUG:
+        root.setLevel(logging.DEBUG)
+    yield
+
+
 def pytest_runtest_logreport(report: pytest.TestReport) -> None:
     # Everything a test printed or logged (structlog prints to stdout) feeds the canary.
     text = "\n".join(content for _, content in report.sections)
