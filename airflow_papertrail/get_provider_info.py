@@ -114,6 +114,14 @@ def get_provider_info() -> dict[str, Any]:
             }
         ],
         "hooks": [{"integration-name": "Papertrail-ai", "python-modules": ["airflow_papertrail.hooks.papertrail"]}],
+        "operators": [
+            {"integration-name": "Papertrail-ai", "python-modules": ["airflow_papertrail.operators.papertrail"]}
+        ],
+        "sensors": [{"integration-name": "Papertrail-ai", "python-modules": ["airflow_papertrail.sensors.papertrail"]}],
+        "triggers": [
+            {"integration-name": "Papertrail-ai", "python-modules": ["airflow_papertrail.triggers.papertrail"]}
+        ],
+        "plugins": [{"name": "papertrail", "plugin-class": "airflow_papertrail.plugins.papertrail.PapertrailPlugin"}],
         "connection-types": [
             {
                 "connection-type": "papertrail",

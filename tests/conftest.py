@@ -66,7 +66,7 @@ def _canary_handler_attached():
         root.addHandler(_handler)
     if root.level > logging.DEBUG:
         root.setLevel(logging.DEBUG)
-    yield
+    return
 
 
 def pytest_runtest_logreport(report: pytest.TestReport) -> None:

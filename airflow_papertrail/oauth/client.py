@@ -113,21 +113,29 @@ class OAuthClient:
         self, *, ttl: float = DEFAULT_AUTHORIZATION_TTL, extra_params: Mapping[str, str] | None = None
     ) -> AuthorizationRequest:
         request = build_authorization_request(self.config, now=self.clock(), ttl=ttl, extra_params=extra_params)
-        self.protect(request.state, request.code_verifier)
+        # The verifier is secret. The state is not: it travels in the consent URL that a
+        # person must be given (and that is logged); it only has to be unguessable and
+        # single use, which the callback enforces.
+        self.protect(request.code_verifier)
         return request
 
     # -- token endpoint ------------------------------------------------------------------
     def exchange_code(self, code: str, *, code_verifier: str | None = None) -> Token:
         """Redeem an authorization code once (RFC 6749 4.1.3)."""
         self.protect(code, code_verifier)
-        self.config.validate(need_redirect_uri=True)
+        token = self.exchange_code_unmasked(code, code_verifier=code_verifier)
+        self.protect(*token.secrets)
+        return token
+
+    def exchange_code_unmasked(self, code: str, *, code_verifier: str | None = None) -> Token:
+        """:meth:`exchange_code` without calling ``on_secret``, for threads that must not touch the
+        masker's channel (the triggerer); the caller masks ``code``, verifier and tokens itself."""
         form = {"grant_type": "authorization_code", "code": code, "redirect_uri": self.config.redirect_uri or ""}
         if code_verifier:
             form["code_verifier"] = code_verifier
+        self.config.validate(need_redirect_uri=True)
         status, payload = self._post(form, "exchange", self.retry_policy.for_code_exchange())
-        token = Token.from_response(payload, now=self.clock(), requested_scope=self.config.scope, status=status)
-        self.protect(*token.secrets)
-        return token
+        return Token.from_response(payload, now=self.clock(), requested_scope=self.config.scope, status=status)
 
     def refresh(self, refresh_token: str, *, previous: Token | None = None) -> Token:
         """Use a refresh token once (RFC 6749 6).

@@ -1,0 +1,95 @@
+"""Operators of the Papertrail-ai provider."""
+
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING, Any
+
+from airflow.sdk import BaseOperator
+
+from airflow_papertrail.authorization import AuthorizationStore, PendingAuthorization
+from airflow_papertrail.oauth.authorize import DEFAULT_AUTHORIZATION_TTL
+
+if TYPE_CHECKING:
+    from collections.abc import Mapping, Sequence
+
+    from airflow.sdk import Context
+
+
+class PapertrailAuthorizeOperator(BaseOperator):
+    """Start the OAuth 2 authorization-code grant and hand the consent link to a person.
+
+    Creates a pending authorization (256-bit state, PKCE S256 verifier unless the connection
+    turns PKCE off, expiry, the run that asked), stores it encrypted, logs the consent URL
+    (it carries no secret: client ID, redirect URI, scope, system, state and the PKCE
+    *challenge*) and returns::
+
+        {"consent_url": ..., "authorization_id": ..., "conn_id": ..., "expires_at": <epoch s>}
+
+    Pass the ``authorization_id`` to :class:`PapertrailAuthorizationSensor`.
+
+    :param papertrail_conn_id: the ``papertrail`` connection to authorize (templated).
+    :param authorization_ttl: seconds the consent link stays valid (default 600).
+    :param extra_authorize_params: extra query parameters for the consent URL (templated);
+        protocol parameters cannot be overridden.
+    :param notifiers: Airflow notifiers (e.g. ``SlackNotifier``, ``SmtpNotifier``) called with
+        the task context, in which ``papertrail_consent_url`` and
+        ``papertrail_authorization_expires_at`` are available to their templates, e.g.
+        ``SlackNotifier(text="Approve Papertrail-ai access: {{ papertrail_consent_url }}")``.
+    """
+
+    template_fields: Sequence[str] = ("papertrail_conn_id", "extra_authorize_params")
+    ui_color = "#e8f1ff"
+
+    def __init__(
+        self,
+        *,
+        papertrail_conn_id: str = "papertrail_default",
+        authorization_ttl: float = DEFAULT_AUTHORIZATION_TTL,
+        extra_authorize_params: Mapping[str, str] | None = None,
+        notifiers: Sequence[Any] = (),
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(**kwargs)
+        if not 30 <= authorization_ttl <= 24 * 3600:
+            raise ValueError("authorization_ttl must be between 30 seconds and 24 hours")
+        self.papertrail_conn_id = papertrail_conn_id
+        self.authorization_ttl = authorization_ttl
+        self.extra_authorize_params = dict(extra_authorize_params or {})
+        self.notifiers = list(notifiers)
+
+    def execute(self, context: Context) -> dict[str, Any]:
+        from airflow_papertrail.hooks.papertrail import PapertrailHook, mask
+
+        hook = PapertrailHook(self.papertrail_conn_id)
+        client = hook.oauth_client
+        client.config.validate(need_redirect_uri=True, conn_id=self.papertrail_conn_id)
+        request = client.authorization_request(ttl=self.authorization_ttl, extra_params=self.extra_authorize_params)
+        ti = context.get("ti")
+        pending = PendingAuthorization.from_request(
+            request,
+            conn_id=self.papertrail_conn_id,
+            expected_issuer=client.config.issuer,
+            dag_id=getattr(ti, "dag_id", None),
+            run_id=getattr(ti, "run_id", None),
+            task_id=getattr(ti, "task_id", None),
+        )
+        AuthorizationStore(on_secret=mask).save(pending)
+        expires = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(pending.expires_at))
+        self.log.info(
+            "Open this link and approve access for connection %r (valid until %s):\n\n    %s\n",
+            self.papertrail_conn_id,
+            expires,
+            request.url,
+        )
+        if self.notifiers:
+            notify_context = dict(context)
+            notify_context.update(papertrail_consent_url=request.url, papertrail_authorization_expires_at=expires)
+            for notifier in self.notifiers:
+                notifier(notify_context)
+        return {
+            "consent_url": request.url,
+            "authorization_id": pending.authorization_id,
+            "conn_id": self.papertrail_conn_id,
+            "expires_at": pending.expires_at,
+        }

@@ -1,0 +1,261 @@
+"""The OAuth redirect endpoint, mounted on the api-server at ``/papertrail``.
+
+``GET /papertrail/callback`` is reachable without an Airflow login (the browser arrives
+from the authorization server), so it acts only on a state it issued itself: the state's
+hash names the pending entry, the decrypted entry's state is compared in constant time,
+and only a ``pending`` entry that has not expired accepts a code (once). Everything else
+gets a clear page with a 4xx status and changes nothing. The query string is scrubbed
+from the request scope before Airflow's access log reads it, so the code never reaches
+that log.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import re
+import time
+from typing import TYPE_CHECKING, Protocol
+from urllib.parse import parse_qsl
+
+from fastapi import APIRouter, FastAPI, Request
+from fastapi.responses import HTMLResponse
+
+from airflow_papertrail.authorization import (
+    PENDING,
+    AuthorizationStore,
+    authorization_id_for,
+    check_state,
+    pending_variable_key,
+)
+from airflow_papertrail.exceptions import PapertrailError
+from airflow_papertrail.plugins.pages import SECURITY_HEADERS, render
+
+if TYPE_CHECKING:
+    from collections.abc import Callable, Iterator
+
+log = logging.getLogger(__name__)
+
+MAX_QUERY_BYTES = 4096
+MAX_FIELDS = 16
+_STATE = re.compile(r"[A-Za-z0-9_-]{20,128}")
+_CODE = re.compile(r"[\x21-\x7e]{1,2048}")  # RFC 6749 VSCHAR
+_ERROR = re.compile(r"[\x20\x21\x23-\x5b\x5d-\x7e]{1,128}")  # RFC 6749 4.1.2.1
+_SINGLE = ("state", "code", "error", "error_description", "error_uri", "iss")
+REDACTED_QUERY = b"papertrail-callback-query=redacted"
+
+
+class LockedEntry(Protocol):
+    raw: str | None
+
+    def write(self, value: str) -> None: ...
+
+
+class EntryAccess(Protocol):
+    """Exclusive read-modify-write access to one Variable (a row lock in the metadata DB)."""
+
+    def locked(self, key: str) -> contextlib.AbstractContextManager[LockedEntry]: ...
+
+
+class _OrmEntry:
+    def __init__(self, row: object | None) -> None:
+        self._row = row
+        self.raw: str | None = None if row is None else row.val  # type: ignore[attr-defined]
+
+    def write(self, value: str) -> None:
+        assert self._row is not None
+        self._row.val = value  # type: ignore[attr-defined]
+
+
+class OrmEntryAccess:
+    """``SELECT ... FOR UPDATE`` on the Variable row, committed on success."""
+
+    @contextlib.contextmanager
+    def locked(self, key: str) -> Iterator[LockedEntry]:
+        from airflow.models.variable import Variable
+        from airflow.utils.session import create_session
+        from sqlalchemy import select
+
+        with create_session() as session:
+            row = session.scalar(select(Variable).where(Variable.key == key).with_for_update())
+            yield _OrmEntry(row)
+
+
+class CallbackError(Exception):
+    def __init__(self, status: int, title: str, message: str) -> None:
+        super().__init__(message)
+        self.status, self.title, self.message = status, title, message
+
+
+def _parse(query: bytes) -> dict[str, str]:
+    if len(query) > MAX_QUERY_BYTES:
+        raise CallbackError(400, "Request too large", "The callback parameters are too large; nothing was recorded.")
+    try:
+        pairs = parse_qsl(
+            query.decode("ascii"), keep_blank_values=True, max_num_fields=MAX_FIELDS, strict_parsing=False
+        )
+    except (UnicodeDecodeError, ValueError):
+        raise CallbackError(
+            400, "Malformed request", "The callback parameters are malformed; nothing was recorded."
+        ) from None
+    params: dict[str, str] = {}
+    for key, value in pairs:
+        if key in _SINGLE and key in params:
+            raise CallbackError(400, "Malformed request", f"The parameter '{key}' appears twice; nothing was recorded.")
+        params.setdefault(key, value)
+    return params
+
+
+def _resolve(params: dict[str, str]) -> tuple[str, str]:
+    state = params.get("state", "")
+    if not state:
+        raise CallbackError(
+            400,
+            "Missing state",
+            "This callback has no state parameter, so it cannot belong to an authorization "
+            "started by Airflow. Nothing was recorded.",
+        )
+    if not _STATE.fullmatch(state):
+        raise CallbackError(
+            400, "Unknown authorization", "This link does not belong to a pending authorization. Nothing was recorded."
+        )
+    code, error = params.get("code"), params.get("error")
+    if code and error:
+        raise CallbackError(
+            400, "Malformed request", "The callback carries both a code and an error; nothing was recorded."
+        )
+    if not code and not error:
+        raise CallbackError(
+            400, "Malformed request", "The callback carries neither a code nor an error; nothing was recorded."
+        )
+    if code is not None and not _CODE.fullmatch(code):
+        raise CallbackError(400, "Malformed request", "The authorization code is malformed; nothing was recorded.")
+    if error is not None and not _ERROR.fullmatch(error):
+        raise CallbackError(400, "Malformed request", "The error parameter is malformed; nothing was recorded.")
+    return state, authorization_id_for(state)
+
+
+def handle_callback(
+    query: bytes,
+    *,
+    entries: EntryAccess,
+    store: AuthorizationStore,
+    clock: Callable[[], float] = time.time,
+) -> tuple[int, str, str, bool]:
+    """Process one callback. Returns (HTTP status, title, message, ok); never raises."""
+    try:
+        params = _parse(query)
+        state, authorization_id = _resolve(params)
+        with entries.locked(pending_variable_key(authorization_id)) as entry:
+            if entry.raw is None:
+                raise CallbackError(
+                    400,
+                    "Unknown authorization",
+                    "This link does not belong to a pending authorization (it may "
+                    "already have been used). Nothing was recorded; start a new authorization from Airflow.",
+                )
+            pending = store.decode(authorization_id, entry.raw)
+            if not check_state(pending, state):
+                raise CallbackError(
+                    400,
+                    "Unknown authorization",
+                    "This link does not belong to a pending authorization. Nothing was recorded.",
+                )
+            if pending.status != PENDING:
+                raise CallbackError(
+                    409,
+                    "Already used",
+                    "This authorization has already received its answer; a second one is "
+                    "refused. If you need to connect again, start a new authorization from Airflow.",
+                )
+            now = clock()
+            if pending.is_expired(now):
+                raise CallbackError(
+                    410,
+                    "Authorization expired",
+                    "This authorization link has expired. Nothing was recorded; "
+                    "re-run the papertrail_authorize DAG in Airflow to get a new link.",
+                )
+            iss = params.get("iss")
+            if iss is not None and pending.expected_issuer and iss != pending.expected_issuer:
+                raise CallbackError(
+                    400,
+                    "Wrong issuer",
+                    "This answer comes from an unexpected authorization server (iss mismatch, "
+                    "RFC 9207). Nothing was recorded.",
+                )
+            error = params.get("error")
+            if error:
+                entry.write(store.encode(pending.with_error(error, params.get("error_description"), now)))
+                log.info(
+                    "Papertrail-ai authorization %s for connection %r was answered with an error.",
+                    authorization_id[:12],
+                    pending.conn_id,
+                )
+                denied = error == "access_denied"
+                return (
+                    200,
+                    "Access not granted" if denied else "Authorization failed",
+                    "Access was not granted, and Airflow has been told. You can close this tab."
+                    if denied
+                    else "The authorization server reported an error; Airflow has been told. You can close this tab.",
+                    False,
+                )
+            entry.write(store.encode(pending.with_code(params["code"], now)))
+            log.info(
+                "Papertrail-ai authorization %s for connection %r captured its code.",
+                authorization_id[:12],
+                pending.conn_id,
+            )
+            return (
+                200,
+                "Authorization received",
+                f"Airflow received the authorization for connection '{pending.conn_id}' and is completing it. "
+                "You can close this tab.",
+                True,
+            )
+    except CallbackError as exc:
+        return exc.status, exc.title, exc.message, False
+    except PapertrailError as exc:
+        log.warning("Papertrail-ai callback refused: %s", exc)
+        return (
+            400,
+            "Unknown authorization",
+            "This link does not belong to a pending authorization. Nothing was recorded.",
+            False,
+        )
+    except Exception:
+        log.exception("Papertrail-ai callback could not be processed")
+        return (
+            503,
+            "Temporarily unavailable",
+            "Airflow could not record this answer right now; nothing was recorded. Try the link again shortly.",
+            False,
+        )
+
+
+def create_app(*, entries: EntryAccess | None = None, store: AuthorizationStore | None = None) -> FastAPI:
+    """The FastAPI sub-application; nothing touches the DB or config until a request arrives."""
+    app = FastAPI(title="Papertrail-ai OAuth callback", docs_url=None, redoc_url=None, openapi_url=None)
+    router = APIRouter()
+    state: dict[str, object] = {}
+
+    def deps() -> tuple[EntryAccess, AuthorizationStore]:
+        if "entries" not in state:
+            from airflow_papertrail.token_store import OrmVariables
+
+            state["entries"] = entries or OrmEntryAccess()
+            state["store"] = store or AuthorizationStore(backend=OrmVariables())
+        return state["entries"], state["store"]  # type: ignore[return-value]
+
+    @router.get("/callback", response_class=HTMLResponse)
+    def callback(request: Request) -> HTMLResponse:
+        # Sync route: DB calls block. Scrub first, so the access log never sees the code.
+        query = request.scope.get("query_string", b"")
+        request.scope["query_string"] = REDACTED_QUERY if query else b""
+        entry_access, auth_store = deps()
+        status, title, message, ok = handle_callback(query, entries=entry_access, store=auth_store)
+        return HTMLResponse(render(title, message, ok=ok), status_code=status, headers=SECURITY_HEADERS)
+
+    app.include_router(router)
+    return app

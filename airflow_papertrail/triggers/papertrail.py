@@ -1,0 +1,104 @@
+"""Trigger that waits for an OAuth callback and redeems the code inside the triggerer.
+
+Doing the exchange here (not after the task resumes on a worker) keeps callback-to-stored
+latency at the poll interval plus one token request, instead of a scheduler round trip
+(~10 s measured). The HTTP call runs in a thread so the triggerer's event loop never
+blocks on the network; Variable reads and writes stay on the loop (Airflow 3.3 runs sync
+Variable calls inside ``run()`` through its greenback portal).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import TYPE_CHECKING, Any
+
+from airflow.triggers.base import BaseTrigger, TriggerEvent
+
+from airflow_papertrail.authorization import (
+    AuthorizationStore,
+    Outcome,
+    examine,
+    failure_outcome,
+    store_grant,
+)
+from airflow_papertrail.exceptions import OAuthError, PapertrailError, TransientOAuthError
+
+if TYPE_CHECKING:
+    from collections.abc import AsyncIterator
+
+
+class PapertrailAuthorizationTrigger(BaseTrigger):
+    """Wait for the callback of one authorization, then exchange its code and store the grant.
+
+    :param papertrail_conn_id: connection the grant is for.
+    :param authorization_id: id of the pending authorization (a hash of its state).
+    :param deadline: absolute epoch seconds after which the wait ends with ``timeout``.
+    :param poll_interval: seconds between looks at the pending entry.
+    """
+
+    def __init__(
+        self, papertrail_conn_id: str, authorization_id: str, deadline: float, poll_interval: float = 0.25
+    ) -> None:
+        super().__init__()
+        self.papertrail_conn_id = papertrail_conn_id
+        self.authorization_id = authorization_id
+        self.deadline = float(deadline)
+        self.poll_interval = float(poll_interval)
+
+    def serialize(self) -> tuple[str, dict[str, Any]]:
+        return (
+            f"{type(self).__module__}.{type(self).__qualname__}",
+            {
+                "papertrail_conn_id": self.papertrail_conn_id,
+                "authorization_id": self.authorization_id,
+                "deadline": self.deadline,
+                "poll_interval": self.poll_interval,
+            },
+        )
+
+    async def run(self) -> AsyncIterator[TriggerEvent]:
+        outcome = await self._wait()
+        yield TriggerEvent(outcome.to_event())
+
+    async def _wait(self) -> Outcome:
+        from airflow_papertrail.hooks.papertrail import PapertrailHook, mask
+
+        conn_id = self.papertrail_conn_id
+        try:
+            authorizations = AuthorizationStore(on_secret=mask)
+            while True:
+                pending = authorizations.load(self.authorization_id)
+                outcome = examine(pending, conn_id=conn_id, now=time.time())
+                if outcome is None:
+                    assert pending is not None
+                    assert pending.code is not None
+                    break
+                if outcome.status != "waiting":
+                    return outcome
+                if time.time() >= self.deadline:
+                    return Outcome(
+                        "timeout",
+                        f"no answer to the Papertrail-ai authorization of {conn_id!r} before the sensor's timeout; re-run the papertrail_authorize DAG.",
+                        conn_id,
+                    )
+                await asyncio.sleep(self.poll_interval)
+
+            hook = PapertrailHook(conn_id)
+            client = hook.oauth_client
+            authorizations.delete(pending.authorization_id)  # single use, before anything else
+            try:
+                token = await asyncio.to_thread(
+                    client.exchange_code_unmasked, pending.code, code_verifier=pending.code_verifier
+                )
+            except (OAuthError, TransientOAuthError) as exc:
+                return failure_outcome(conn_id, exc)
+            for value in token.secrets:
+                mask(value)
+            return store_grant(conn_id, token, hook.token_store)
+        except PapertrailError as exc:
+            return Outcome("failed", str(exc), conn_id)
+        except Exception as exc:  # never let a secret-bearing traceback into the triggerer log
+            return Outcome(
+                "failed", f"unexpected {type(exc).__name__} while completing the authorization of {conn_id!r}", conn_id
+            )
