@@ -1,0 +1,25 @@
+"""The authorization flow with the sensor in poke mode (the example DAG defers)."""
+
+from __future__ import annotations
+
+import pendulum
+from airflow.sdk import dag
+
+from airflow_papertrail.operators.papertrail import PapertrailAuthorizeOperator
+from airflow_papertrail.sensors.papertrail import PapertrailAuthorizationSensor
+
+
+@dag(dag_id="papertrail_authorize_poke_it", schedule=None, start_date=pendulum.datetime(2024, 1, 1), catchup=False)
+def papertrail_authorize_poke_it():
+    authorize = PapertrailAuthorizeOperator(task_id="authorize", papertrail_conn_id="papertrail_it")
+    authorize >> PapertrailAuthorizationSensor(
+        task_id="wait_for_consent",
+        papertrail_conn_id="papertrail_it",
+        authorization_id="{{ ti.xcom_pull(task_ids='authorize')['authorization_id'] }}",
+        deferrable=False,
+        poke_interval=0.2,
+        timeout=120,
+    )
+
+
+papertrail_authorize_poke_it()
