@@ -1,0 +1,144 @@
+"""PapertrailAuthorizationTrigger: plain-value serialization and every event it can emit,
+run against the real metadata DB (Variables through the ORM) and the emulator."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from dataclasses import replace
+
+import pytest
+
+from airflow_papertrail.authorization import AuthorizationStore, PendingAuthorization
+from airflow_papertrail.hooks.papertrail import PapertrailHook
+from airflow_papertrail.oauth import code_challenge_s256
+from airflow_papertrail.token_store import OrmVariables
+from airflow_papertrail.triggers.papertrail import PapertrailAuthorizationTrigger
+from tests.conftest import CLIENT_ID, CLIENT_SECRET, REDIRECT_URI
+
+pytestmark = pytest.mark.integration
+
+
+def test_serialize_round_trip_is_plain_json():
+    trigger = PapertrailAuthorizationTrigger("pt", "abc123", deadline=1_700_000_000.5, poll_interval=0.5)
+    path, kwargs = trigger.serialize()
+    assert path == "airflow_papertrail.triggers.papertrail.PapertrailAuthorizationTrigger"
+    assert json.loads(json.dumps(kwargs)) == kwargs  # plain values only
+    again = PapertrailAuthorizationTrigger(**kwargs)
+    assert again.serialize() == (path, kwargs)
+    assert kwargs["deadline"] == 1_700_000_000.5  # absolute, not a duration
+
+
+@pytest.fixture
+def flow(airflow_db, emulator, monkeypatch, fernet_key):
+    conn = {
+        "conn_type": "papertrail",
+        "login": CLIENT_ID,
+        "password": CLIENT_SECRET,
+        "host": emulator.base_url,
+        "extra": {"redirect_uri": REDIRECT_URI, "system": "xero"},
+    }
+    monkeypatch.setenv("AIRFLOW_CONN_PT_TRIGGER", json.dumps(conn))
+    store = AuthorizationStore(backend=OrmVariables())
+    hook = PapertrailHook("pt_trigger")
+
+    def new_pending(**changes) -> PendingAuthorization:
+        request = hook.oauth_client.authorization_request(ttl=600)
+        pending = replace(PendingAuthorization.from_request(request, conn_id="pt_trigger"), **changes)
+        store.save(pending)
+        return pending
+
+    return emulator, store, new_pending
+
+
+def _code(emulator, pending) -> str:
+    return emulator.issue_code(
+        client_id=CLIENT_ID,
+        redirect_uri=REDIRECT_URI,
+        system="xero",
+        code_challenge=code_challenge_s256(pending.code_verifier),
+        code_challenge_method="S256",
+    )
+
+
+def _run(trigger) -> dict:
+    async def first_event():
+        async for event in trigger.run():
+            return event.payload
+        return None
+
+    return asyncio.run(asyncio.wait_for(first_event(), timeout=30))
+
+
+def test_captured_code_is_exchanged_in_the_trigger(flow):
+    emulator, store, new_pending = flow
+    pending = new_pending()
+    code = _code(emulator, pending)
+    store.save(pending.with_code(code, time.time()))
+    event = _run(PapertrailAuthorizationTrigger("pt_trigger", pending.authorization_id, deadline=time.time() + 30))
+    assert event["status"] == "success" and event["generation"] >= 1
+    assert all(secret not in json.dumps(event) for secret in emulator.issued_secrets)
+    assert store.load(pending.authorization_id) is None  # pending entry and code deleted
+    assert emulator.stats["authorization_code_grants"] == 1
+
+
+def test_code_arriving_while_waiting(flow):
+    emulator, store, new_pending = flow
+    pending = new_pending()
+    code = _code(emulator, pending)
+    trigger = PapertrailAuthorizationTrigger(
+        "pt_trigger", pending.authorization_id, deadline=time.time() + 30, poll_interval=0.05
+    )
+
+    async def scenario():
+        async def deliver():
+            await asyncio.sleep(0.3)
+            store.save(pending.with_code(code, time.time()))
+
+        task = asyncio.create_task(deliver())
+        async for event in trigger.run():
+            await task
+            return event.payload
+
+    event = asyncio.run(asyncio.wait_for(scenario(), timeout=30))
+    assert event["status"] == "success"
+
+
+@pytest.mark.parametrize(
+    ("changes", "status", "fragment"),
+    [
+        ({"status": "error", "error": "access_denied"}, "denied", "access was denied"),
+        ({"status": "error", "error": "server_error"}, "failed", "server_error"),
+        ({"expires_at": 1.0}, "expired", "expired"),
+    ],
+)
+def test_final_outcomes_without_exchange(flow, changes, status, fragment):
+    emulator, _, new_pending = flow
+    pending = new_pending(**changes)
+    event = _run(PapertrailAuthorizationTrigger("pt_trigger", pending.authorization_id, deadline=time.time() + 30))
+    assert event["status"] == status
+    assert fragment in event["message"] and "papertrail_authorize" in event["message"]
+    assert emulator.stats["token_requests"] == 0
+
+
+def test_timeout_and_missing_entry(flow):
+    _, _, new_pending = flow
+    pending = new_pending()
+    event = _run(
+        PapertrailAuthorizationTrigger(
+            "pt_trigger", pending.authorization_id, deadline=time.time() + 0.3, poll_interval=0.05
+        )
+    )
+    assert event["status"] == "timeout"
+    event = _run(PapertrailAuthorizationTrigger("pt_trigger", "0" * 40, deadline=time.time() + 5))
+    assert event["status"] == "failed" and "no longer exists" in event["message"]
+
+
+def test_refused_code_is_a_final_failure(flow):
+    emulator, store, new_pending = flow
+    pending = new_pending()
+    store.save(pending.with_code("not-a-real-code-" + "q" * 20, time.time()))
+    event = _run(PapertrailAuthorizationTrigger("pt_trigger", pending.authorization_id, deadline=time.time() + 30))
+    assert event["status"] == "failed" and "refused" in event["message"]
+    assert store.load(pending.authorization_id) is None  # never tried twice
