@@ -10,6 +10,7 @@ Variable calls inside ``run()`` through its greenback portal).
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from typing import TYPE_CHECKING, Any
 
@@ -26,6 +27,8 @@ from airflow_papertrail.exceptions import OAuthError, PapertrailError, Transient
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator
+
+log = logging.getLogger(__name__)
 
 
 class PapertrailAuthorizationTrigger(BaseTrigger):
