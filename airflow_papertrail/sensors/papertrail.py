@@ -21,6 +21,13 @@ if TYPE_CHECKING:
 DEFAULT_TIMEOUT = 15 * 60
 
 
+def _resume_guard() -> float:
+    """Seconds after deferring before the trigger may resume the task (see the trigger's ``not_before``)."""
+    from airflow.sdk import conf
+
+    return conf.getfloat("workers", "min_heartbeat_interval", fallback=5.0) + 1.0
+
+
 class PapertrailAuthorizationSensor(BaseSensorOperator):
     """Wait for the OAuth callback of one authorization, then redeem the code and store the grant.
 
@@ -70,7 +77,8 @@ class PapertrailAuthorizationSensor(BaseSensorOperator):
             return self._finish(outcome)
         from airflow_papertrail.triggers.papertrail import PapertrailAuthorizationTrigger
 
-        deadline = time.time() + float(self.timeout)
+        now = time.time()
+        deadline = now + float(self.timeout)
         self.log.info(
             "Waiting (deferred) for consent on authorization %s of connection %r.",
             self.authorization_id[:12],
@@ -82,6 +90,7 @@ class PapertrailAuthorizationSensor(BaseSensorOperator):
                 authorization_id=self.authorization_id,
                 deadline=deadline,
                 poll_interval=self.poll_interval,
+                not_before=now + _resume_guard(),
             ),
             method_name="execute_complete",
             timeout=timedelta(seconds=float(self.timeout) + 60),

@@ -38,16 +38,28 @@ class PapertrailAuthorizationTrigger(BaseTrigger):
     :param authorization_id: id of the pending authorization (a hash of its state).
     :param deadline: absolute epoch seconds after which the wait ends with ``timeout``.
     :param poll_interval: seconds between looks at the pending entry.
+    :param not_before: absolute epoch seconds before which no event is fired. The grant is
+        stored as soon as the code arrives; only the task's resumption waits. Airflow 3.3.2
+        can mark a deferred task failed when its trigger fires before the worker that
+        deferred it has reported its exit (apache/airflow#67287, #72716: the supervisor may
+        notice the exit only after ``[workers] min_heartbeat_interval``); the sensor sets
+        this just past that window.
     """
 
     def __init__(
-        self, papertrail_conn_id: str, authorization_id: str, deadline: float, poll_interval: float = 0.25
+        self,
+        papertrail_conn_id: str,
+        authorization_id: str,
+        deadline: float,
+        poll_interval: float = 0.25,
+        not_before: float = 0.0,
     ) -> None:
         super().__init__()
         self.papertrail_conn_id = papertrail_conn_id
         self.authorization_id = authorization_id
         self.deadline = float(deadline)
         self.poll_interval = float(poll_interval)
+        self.not_before = float(not_before)
 
     def serialize(self) -> tuple[str, dict[str, Any]]:
         return (
@@ -57,11 +69,15 @@ class PapertrailAuthorizationTrigger(BaseTrigger):
                 "authorization_id": self.authorization_id,
                 "deadline": self.deadline,
                 "poll_interval": self.poll_interval,
+                "not_before": self.not_before,
             },
         )
 
     async def run(self) -> AsyncIterator[TriggerEvent]:
         outcome = await self._wait()
+        hold = self.not_before - time.time()
+        if hold > 0:
+            await asyncio.sleep(hold)
         yield TriggerEvent(outcome.to_event())
 
     async def _wait(self) -> Outcome:

@@ -142,3 +142,22 @@ def test_refused_code_is_a_final_failure(flow):
     event = _run(PapertrailAuthorizationTrigger("pt_trigger", pending.authorization_id, deadline=time.time() + 30))
     assert event["status"] == "failed" and "refused" in event["message"]
     assert store.load(pending.authorization_id) is None  # never tried twice
+
+
+def test_resumption_waits_for_not_before_but_the_grant_is_stored_at_once(flow):
+    from airflow_papertrail.token_store import VariableTokenStore
+
+    emulator, store, new_pending = flow
+    pending = new_pending()
+    store.save(pending.with_code(_code(emulator, pending), time.time()))
+    start = time.time()
+    event = _run(
+        PapertrailAuthorizationTrigger(
+            "pt_trigger", pending.authorization_id, deadline=start + 30, not_before=start + 1.5
+        )
+    )
+    fired = time.time()
+    assert event["status"] == "success"
+    assert fired - start >= 1.5
+    stored = VariableTokenStore("pt_trigger", backend=OrmVariables()).load()
+    assert stored.updated_at < start + 1.0  # stored immediately, not after the hold

@@ -1,0 +1,148 @@
+"""Proves the E2E harness: a real Airflow runs a DAG with a deferral, the REST helpers read it back,
+headless Chromium follows a form POST and a 302 to the stack's port, and stop() leaves nothing behind."""
+
+from __future__ import annotations
+
+import contextlib
+import subprocess
+import threading
+import time
+from http import HTTPStatus
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import TYPE_CHECKING
+
+import pytest
+
+from tests.e2e.dags.e2e_smoke import MARKER, PAYLOAD
+from tests.e2e.harness import HarnessError, open_and_click, redact_url, redact_urls_in
+
+if TYPE_CHECKING:
+    from collections.abc import Iterator
+    from pathlib import Path
+
+    from playwright.sync_api import Browser
+
+    from tests.e2e.conftest import StackFactory
+
+DAG_ID = "e2e_smoke"
+
+CONSENT_PAGE = b"""<!doctype html>
+<html><head><title>Consent</title></head>
+<body><h1>Allow access?</h1>
+<form method="post" action="/decide"><input type="hidden" name="choice" value="allow">
+<button id="allow" type="submit">Allow</button></form></body></html>"""
+
+
+@contextlib.contextmanager
+def consent_server(redirect_to: str) -> Iterator[str]:
+    """A page with an "Allow" form on 127.0.0.1; submitting it answers 302 to ``redirect_to``."""
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            self.send_response(HTTPStatus.OK)
+            self.send_header("Content-Type", "text/html; charset=utf-8")
+            self.send_header("Content-Length", str(len(CONSENT_PAGE)))
+            self.end_headers()
+            self.wfile.write(CONSENT_PAGE)
+
+        def do_POST(self) -> None:
+            self.rfile.read(int(self.headers.get("Content-Length") or 0))
+            self.send_response(HTTPStatus.FOUND)
+            self.send_header("Location", redirect_to)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        def log_message(self, format: str, *args: object) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}/consent"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_stack_runs_a_deferring_dag_and_the_browser_follows_a_redirect(
+    airflow_stack_factory: StackFactory, browser: Browser
+) -> None:
+    t0 = time.monotonic()
+    stack = airflow_stack_factory()
+    timings = dict(stack.timings)
+
+    # -- a DAG run through the REST API, with a deferral through the triggerer --------------------
+    stack.wait_for_dag(DAG_ID, timeout=60)
+    stack.unpause(DAG_ID)
+    t_trigger = time.monotonic()
+    run_id = stack.trigger(DAG_ID, conf={"origin": "e2e"})
+    assert stack.wait_for_task_state(DAG_ID, run_id, "wait_deferred", {"deferred"}, timeout=60) == "deferred"
+    assert stack.wait_for_run(DAG_ID, run_id, timeout=60) == "success", stack.task_states(DAG_ID, run_id)
+    timings["trigger_to_success_s"] = time.monotonic() - t_trigger
+
+    assert stack.task_states(DAG_ID, run_id) == {"produce": "success", "wait_deferred": "success", "report": "success"}
+    seen = stack.seen_states(DAG_ID, run_id, "wait_deferred")
+    assert "deferred" in seen and seen[-1] == "success", seen
+    assert stack.xcom(DAG_ID, run_id, "produce") == PAYLOAD
+    ti = stack.task_instance(DAG_ID, run_id, "wait_deferred")
+    assert ti["try_number"] == 1 and ti["start_date"] and ti["end_date"], ti
+    log = stack.task_log(DAG_ID, run_id, "report")
+    assert f"{MARKER} answer=42" in log, log
+    assert stack.dag_run(DAG_ID, run_id)["conf"] == {"origin": "e2e"}
+
+    # -- Variables through the REST API (and what Airflow redacts) ---------------------------------
+    assert stack.variable("e2e_missing") is None
+    stack.set_variable("e2e_plain", "visible-value")
+    assert stack.variable("e2e_plain") == "visible-value"
+    stack.set_variable("e2e_token_probe", "hidden-value")
+    assert stack.variable("e2e_token_probe") == "***"  # the API redacts keys that look sensitive
+    assert stack.variable_unredacted("e2e_token_probe") == "hidden-value"
+    assert stack.variable_unredacted("e2e_missing") is None
+
+    # -- headless Chromium: form POST -> 302 -> the stack's port -----------------------------------
+    target = f"{stack.base_url}/e2e/landing?x=1"
+    t_browser = time.monotonic()
+    with consent_server(target) as consent_url:
+        final_url, text = open_and_click(browser, consent_url, "#allow", wait_for_url_prefix=f"{stack.base_url}/e2e/")
+    timings["browser_s"] = time.monotonic() - t_browser
+    assert final_url == target
+    assert isinstance(text, str)
+
+    # -- stop: nothing of this stack survives -------------------------------------------------------
+    pgid = stack.pgid
+    assert pgid is not None and stack.pids()
+    stack.stop()
+    timings["stop_s"] = stack.timings["stop_s"]
+    assert stack.pids() == []
+    pgrep = subprocess.run(["pgrep", "-g", str(pgid)], capture_output=True, text=True, check=False)
+    assert pgrep.stdout.strip() == "", f"processes left in group {pgid}: {pgrep.stdout}"
+    assert "harness       | stopped" in stack.logs()
+    assert stack.password and stack.password not in stack.all_logs()
+
+    timings["total_s"] = time.monotonic() - t0
+    print("E2E timings: " + ", ".join(f"{k}={v:.1f}" for k, v in timings.items()))
+
+
+def test_open_and_click_failure_names_a_screenshot(browser: Browser, tmp_path: Path) -> None:
+    with consent_server("http://127.0.0.1:9/never") as consent_url:
+        with pytest.raises(HarnessError) as failure:
+            open_and_click(
+                browser,
+                consent_url,
+                "#no-such-button",
+                wait_for_url_prefix="http://127.0.0.1:9/",
+                timeout=2,
+                screenshot_dir=tmp_path,
+            )
+    message = str(failure.value)
+    assert "click #no-such-button" in message and "Allow access?" in message
+    shots = list(tmp_path.glob("browser-failure-*.png"))
+    assert len(shots) == 1 and str(shots[0]) in message and shots[0].stat().st_size > 0
+
+
+def test_failure_messages_redact_query_values() -> None:
+    url = "http://127.0.0.1:8080/papertrail/callback?code=c0de-value&state=st4te&error=access_denied"
+    assert redact_url(url) == "http://127.0.0.1:8080/papertrail/callback?code=***&state=***&error=access_denied"
+    text = redact_urls_in(f'navigated to "{url}"\nthen https://x.example/a?token=t0k')
+    assert "c0de-value" not in text and "st4te" not in text and "t0k" not in text and "access_denied" in text
