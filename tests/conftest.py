@@ -18,6 +18,14 @@ import pytest
 _SESSION_DIR = Path(tempfile.mkdtemp(prefix="papertrail-tests-"))
 os.environ.setdefault("AIRFLOW_HOME", str(_SESSION_DIR / "airflow-home"))
 os.environ.setdefault("AIRFLOW__CORE__LOAD_EXAMPLES", "False")
+# One [core] fernet_key for this process and every Airflow subprocess. Without it, whichever
+# process first loads the config before airflow.cfg exists runs with no key (values stored
+# unencrypted, _NullFernet) while a later `airflow db migrate` writes a generated one.
+if "AIRFLOW__CORE__FERNET_KEY" not in os.environ:
+    from cryptography.fernet import Fernet
+
+    os.environ["AIRFLOW__CORE__FERNET_KEY"] = Fernet.generate_key().decode()
+
 os.environ.setdefault("AIRFLOW__CORE__DAGS_FOLDER", str(Path(__file__).parent / "integration" / "dags"))
 Path(os.environ["AIRFLOW_HOME"]).mkdir(parents=True, exist_ok=True)
 
@@ -98,7 +106,7 @@ def fernet_key(monkeypatch: pytest.MonkeyPatch) -> str:
 CLIENT_ID = "airflow-test-client"
 CLIENT_SECRET = "cs-" + "Zq8x" * 8  # long enough for the masker and the canary
 REDIRECT_URI = "http://127.0.0.1:8080/papertrail/callback"
-remember_secrets(CLIENT_SECRET)
+remember_secrets(CLIENT_SECRET, os.environ["AIRFLOW__CORE__FERNET_KEY"])
 
 
 @pytest.fixture
