@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any, Protocol
 
 from airflow_papertrail.exceptions import TokenStoreError, TokenWriteVerificationError
@@ -84,12 +84,20 @@ class StoredGrant:
     token: Token
     generation: int
     updated_at: float
+    #: Set when a refresh request may have reached the server but its answer was lost: the
+    #: stored refresh token may already be rotated, so it must not be presented again.
+    refresh_outcome_unknown: bool = False
 
     def __repr__(self) -> str:
         return f"StoredGrant(conn_id={self.conn_id!r}, generation={self.generation}, token={self.token!r})"
 
     def to_payload(self) -> dict[str, Any]:
-        return {"token": self.token.to_dict(), "generation": self.generation, "updated_at": self.updated_at}
+        return {
+            "token": self.token.to_dict(),
+            "generation": self.generation,
+            "updated_at": self.updated_at,
+            "refresh_outcome_unknown": self.refresh_outcome_unknown,
+        }
 
 
 class VariableTokenStore:
@@ -131,6 +139,10 @@ class VariableTokenStore:
         raw = self.backend.get(self.key)
         if raw is None or raw == "":
             return None
+        return self.decode(raw)
+
+    def decode(self, raw: str) -> StoredGrant:
+        """Decrypt an envelope read by other means (e.g. under a row lock)."""
         payload = self.cipher.open(GRANT_KIND, self.conn_id, raw, where=f"Variable {self.key!r}")
         try:
             grant = StoredGrant(
@@ -138,6 +150,7 @@ class VariableTokenStore:
                 token=Token.from_dict(payload["token"]),
                 generation=int(payload["generation"]),
                 updated_at=float(payload["updated_at"]),
+                refresh_outcome_unknown=bool(payload.get("refresh_outcome_unknown", False)),
             )
         except (KeyError, TypeError, ValueError):
             raise TokenStoreError(
@@ -149,19 +162,25 @@ class VariableTokenStore:
                 self._on_secret(value)
         return grant
 
+    def encode(self, grant: StoredGrant) -> str:
+        return self.cipher.seal(GRANT_KIND, self.conn_id, grant.to_payload())
+
+    def next_grant(self, token: Token, based_on: StoredGrant | None) -> StoredGrant:
+        return StoredGrant(
+            conn_id=self.conn_id,
+            token=token,
+            generation=(based_on.generation + 1) if based_on else 1,
+            updated_at=self.clock(),
+        )
+
     def save(self, token: Token, *, based_on: StoredGrant | None = None) -> StoredGrant:
         """Encrypt and store ``token``, then read it back and fail loudly if it differs.
 
         The generation is ``based_on.generation + 1`` (1 for a first grant), so every
         reader can tell a newer grant from an older one.
         """
-        grant = StoredGrant(
-            conn_id=self.conn_id,
-            token=token,
-            generation=(based_on.generation + 1) if based_on else 1,
-            updated_at=self.clock(),
-        )
-        envelope = self.cipher.seal(GRANT_KIND, self.conn_id, grant.to_payload())
+        grant = self.next_grant(token, based_on)
+        envelope = self.encode(grant)
         self._write_verified(envelope)
         log.info(
             "Stored the encrypted Papertrail-ai grant of connection %r in Variable %r (generation %d, access token expires at %s).",
@@ -171,6 +190,10 @@ class VariableTokenStore:
             time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(token.expires_at)),
         )
         return grant
+
+    def mark_refresh_outcome_unknown(self, grant: StoredGrant) -> None:
+        """Record that ``grant``'s refresh token may have been rotated by a refresh whose answer was lost."""
+        self._write_verified(self.encode(replace(grant, refresh_outcome_unknown=True)))
 
     def _write_verified(self, envelope: str) -> None:
         description = (

@@ -179,6 +179,17 @@ class PapertrailHook(BaseHook):
     def get_stored_grant(self) -> StoredGrant | None:
         return self.token_store.load()
 
+    # -- data access ---------------------------------------------------------------------
+    def get_access_token(self, *, force_refresh: bool = False) -> str:
+        """A valid access token for this connection, refreshed when it expires within the leeway.
+
+        :param force_refresh: refresh even if the stored token looks valid (after a 401).
+        :raises ReauthorizationRequired: no grant is stored, or it can no longer be refreshed.
+        """
+        from airflow_papertrail.refresh import get_valid_token
+
+        return get_valid_token(self, force_refresh=force_refresh).access_token
+
     def test_connection(self) -> tuple[bool, str]:
         """Check the configuration and the client credentials without spending anything.
 

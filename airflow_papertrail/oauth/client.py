@@ -256,7 +256,7 @@ class OAuthClient:
         if status == 429 or status >= 500:
             retry_after = response.headers.get("Retry-After")
             hint = f"; the server asked to wait {sanitize_description(retry_after, 40)} s" if retry_after else ""
-            if refresh and status not in (429, 503):
+            if refresh and status in (502, 504):
                 raise RefreshOutcomeUnknown(
                     f"the token endpoint answered HTTP {status} to a refresh; the refresh token may or may not "
                     "have been rotated, so it is not replayed. Re-read the stored grant before trying again."

@@ -103,3 +103,27 @@ class TokenCipher:
         outer = json.loads(envelope)
         outer["ciphertext"] = self._fernet.rotate(str(outer["ciphertext"]).encode("ascii")).decode("ascii")
         return json.dumps(outer, separators=(",", ":"))
+
+
+class TicketError(Exception):
+    """A coordinator ticket is forged, expired, or for another purpose."""
+
+
+def seal_ticket(cipher: TokenCipher, purpose: str, payload: dict[str, Any]) -> str:
+    """A short-lived authenticated message between our own components (worker <-> api-server).
+
+    Only holders of ``[papertrail] token_encryption_keys`` can make or read one; Fernet's
+    timestamp bounds its age on the receiving side.
+    """
+    body = json.dumps({"purpose": purpose, "payload": payload}, separators=(",", ":"))
+    return cipher._fernet.encrypt(body.encode("utf-8")).decode("ascii")
+
+
+def open_ticket(cipher: TokenCipher, purpose: str, ticket: str, *, ttl: int = 60) -> dict[str, Any]:
+    try:
+        body = json.loads(cipher._fernet.decrypt(ticket.encode("ascii"), ttl=ttl))
+    except (InvalidToken, UnicodeEncodeError, ValueError, TypeError):
+        raise TicketError("invalid or expired ticket") from None
+    if not isinstance(body, dict) or body.get("purpose") != purpose or not isinstance(body.get("payload"), dict):
+        raise TicketError("ticket for another purpose")
+    return body["payload"]

@@ -5,9 +5,10 @@ Built on urllib3's :class:`~urllib3.util.retry.Retry` (no hand-written loops):
 * connection errors (the request never left): always retried, bounded;
 * 429 and 503: retried, honouring ``Retry-After`` up to ``max_retry_after`` seconds (a
   longer wait is not slept through: the call fails fast and says when to come back);
-* other 5xx and lost responses (read errors/timeouts): retried only where a replay is
-  harmless: the code exchange and read queries, never a refresh (rotation may already
-  have happened) nor a write (no duplicate invoices).
+* 500: an answer, so the server did not complete the request: retried, refreshes included;
+* 502/504 and lost responses (read errors/timeouts): retried only where a replay is
+  harmless: the code exchange and read queries, never a refresh (the upstream may already
+  have rotated the token) nor a write (no duplicate invoices).
 """
 
 from __future__ import annotations
@@ -24,6 +25,9 @@ if TYPE_CHECKING:
 
 RETRY_AFTER_STATUSES = frozenset({429, 503})
 TRANSIENT_STATUSES = frozenset({429, 500, 502, 503, 504})
+#: Answers to a refresh that prove the server did not complete it. 502 and 504 come from a
+#: gateway whose upstream may have processed the request: those are "outcome unknown".
+REFRESH_RETRY_STATUSES = frozenset({429, 500, 503})
 
 
 class CappedRetry(Retry):
@@ -99,8 +103,8 @@ class RetryPolicy:
         return self._retry(statuses=TRANSIENT_STATUSES, read=self.total)
 
     def for_refresh(self) -> CappedRetry:
-        """Only what certainly did not rotate the token: connection errors, 429 and 503."""
-        return self._retry(statuses=RETRY_AFTER_STATUSES, read=0)
+        """Only what certainly did not rotate the token: connection errors, 429, 500 and 503."""
+        return self._retry(statuses=REFRESH_RETRY_STATUSES, read=0)
 
     def for_write(self) -> CappedRetry:
         """Writes are retried only when the request certainly never reached the server."""

@@ -11,15 +11,14 @@ that log.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import re
 import time
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING
 from urllib.parse import parse_qsl
 
 from fastapi import APIRouter, FastAPI, Request
-from fastapi.responses import HTMLResponse
+from fastapi.responses import HTMLResponse, JSONResponse
 
 from airflow_papertrail.authorization import (
     PENDING,
@@ -29,10 +28,11 @@ from airflow_papertrail.authorization import (
     pending_variable_key,
 )
 from airflow_papertrail.exceptions import PapertrailError
+from airflow_papertrail.plugins.locking import EntryAccess, OrmEntryAccess
 from airflow_papertrail.plugins.pages import SECURITY_HEADERS, render
 
 if TYPE_CHECKING:
-    from collections.abc import Callable, Iterator
+    from collections.abc import Callable
 
 log = logging.getLogger(__name__)
 
@@ -43,42 +43,6 @@ _CODE = re.compile(r"[\x21-\x7e]{1,2048}")  # RFC 6749 VSCHAR
 _ERROR = re.compile(r"[\x20\x21\x23-\x5b\x5d-\x7e]{1,128}")  # RFC 6749 4.1.2.1
 _SINGLE = ("state", "code", "error", "error_description", "error_uri", "iss")
 REDACTED_QUERY = b"papertrail-callback-query=redacted"
-
-
-class LockedEntry(Protocol):
-    raw: str | None
-
-    def write(self, value: str) -> None: ...
-
-
-class EntryAccess(Protocol):
-    """Exclusive read-modify-write access to one Variable (a row lock in the metadata DB)."""
-
-    def locked(self, key: str) -> contextlib.AbstractContextManager[LockedEntry]: ...
-
-
-class _OrmEntry:
-    def __init__(self, row: object | None) -> None:
-        self._row = row
-        self.raw: str | None = None if row is None else row.val  # type: ignore[attr-defined]
-
-    def write(self, value: str) -> None:
-        assert self._row is not None
-        self._row.val = value  # type: ignore[attr-defined]
-
-
-class OrmEntryAccess:
-    """``SELECT ... FOR UPDATE`` on the Variable row, committed on success."""
-
-    @contextlib.contextmanager
-    def locked(self, key: str) -> Iterator[LockedEntry]:
-        from airflow.models.variable import Variable
-        from airflow.utils.session import create_session
-        from sqlalchemy import select
-
-        with create_session() as session:
-            row = session.scalar(select(Variable).where(Variable.key == key).with_for_update())
-            yield _OrmEntry(row)
 
 
 class CallbackError(Exception):
@@ -256,6 +220,18 @@ def create_app(*, entries: EntryAccess | None = None, store: AuthorizationStore 
         entry_access, auth_store = deps()
         status, title, message, ok = handle_callback(query, entries=entry_access, store=auth_store)
         return HTMLResponse(render(title, message, ok=ok), status_code=status, headers=SECURITY_HEADERS)
+
+    @router.post("/token", include_in_schema=False)
+    def token(request_body: dict[str, object]) -> JSONResponse:
+        """Refresh coordinator for our own workers (authenticated by a Fernet ticket, see refresh.py)."""
+        from airflow_papertrail.refresh import handle_refresh_request
+
+        entry_access, _ = deps()
+        ticket = request_body.get("ticket")
+        if not isinstance(ticket, str) or len(ticket) > 8192:
+            return JSONResponse({"error": "invalid_ticket"}, status_code=401, headers={"Cache-Control": "no-store"})
+        status, body = handle_refresh_request(ticket, entries=entry_access)
+        return JSONResponse(body, status_code=status, headers={"Cache-Control": "no-store"})
 
     app.include_router(router)
     return app

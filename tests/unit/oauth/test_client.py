@@ -154,14 +154,17 @@ def test_refresh_timeout_is_outcome_unknown(emulator):
     assert emulator.stats["grants_revoked"] == 0
 
 
-def test_refresh_500_is_outcome_unknown_but_503_is_retried(emulator):
+def test_refresh_500_and_503_are_retried_but_504_is_outcome_unknown(emulator):
     client = _client(emulator)
     token = client.exchange_code(_code(emulator))
     emulator.inject("token", status=503, retry_after=0)
-    token = client.refresh(token.refresh_token, previous=token)
     emulator.inject("token", status=500)
+    token = client.refresh(token.refresh_token, previous=token)
+    assert emulator.stats["faults_served"] == 2
+    emulator.inject("token", status=504)
     with pytest.raises(RefreshOutcomeUnknown):
         client.refresh(token.refresh_token, previous=token)
+    assert emulator.stats["grants_revoked"] == 0
 
 
 def test_refresh_token_reuse_is_invalid_grant(emulator):

@@ -1,0 +1,136 @@
+"""32 tasks on a real scheduler (LocalExecutor, parallelism 8) with an expired access token and
+a rotating, reuse-detecting token endpoint: exactly one refresh, every task succeeds, the
+grant survives. Then again with 5xx, a slow token endpoint and a worker killed mid-refresh."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+from cryptography.fernet import Fernet
+
+from airflow_papertrail.oauth import OAuthClient, OAuthClientConfig
+from airflow_papertrail.oauth.envelope import TokenCipher
+from airflow_papertrail.testing.emulator import EmulatorClient, PapertrailEmulator
+from airflow_papertrail.token_store import VariableTokenStore
+from tests.conftest import remember_secrets
+from tests.e2e.harness import REPO
+
+DAG_ID = "papertrail_refresh_e2e"
+CONN_ID = "papertrail_e2e"
+CLIENT_ID = "e2e-refresh-client"
+CLIENT_SECRET = "e2e-refresh-secret-" + "Zr4" * 8
+KEY = Fernet.generate_key().decode()
+REDIRECT_URI = "http://127.0.0.1:9/papertrail/callback"
+remember_secrets(CLIENT_SECRET, KEY)
+
+
+class RestVariables:
+    """The stack's Variables through its REST API (what an admin would see)."""
+
+    def __init__(self, stack):
+        self.stack = stack
+
+    def get(self, key):
+        return self.stack.variable_unredacted(key)  # REST re-serializes JSON values
+
+    def set(self, key, value, description=None):
+        self.stack.set_variable(key, value, description=description)
+
+    def delete(self, key):
+        raise NotImplementedError
+
+
+@pytest.fixture(scope="module")
+def emulator():
+    emu = PapertrailEmulator(clients=[EmulatorClient(CLIENT_ID, CLIENT_SECRET, [REDIRECT_URI])]).start()
+    try:
+        yield emu
+    finally:
+        emu.stop()
+        remember_secrets(*emu.issued_secrets)
+
+
+@pytest.fixture(scope="module")
+def stack(airflow_stack_factory, emulator):
+    stack = airflow_stack_factory(
+        REPO / "tests" / "e2e" / "dags",
+        extra_env={
+            "AIRFLOW__PAPERTRAIL__TOKEN_ENCRYPTION_KEYS": KEY,
+            "AIRFLOW__CORE__MAX_ACTIVE_TASKS_PER_DAG": "32",
+        },
+        parallelism=8,
+    )
+    stack.create_connection(
+        {
+            "connection_id": CONN_ID,
+            "conn_type": "papertrail",
+            "login": CLIENT_ID,
+            "password": CLIENT_SECRET,
+            "host": emulator.base_url,
+            "extra": json.dumps({"redirect_uri": REDIRECT_URI, "system": "xero"}),
+        }
+    )
+    stack.wait_for_dag(DAG_ID, timeout=120)
+    stack.unpause(DAG_ID)
+    return stack
+
+
+def _store_expired_grant(stack, emulator) -> int:
+    config = OAuthClientConfig(
+        client_id=CLIENT_ID,
+        client_secret=CLIENT_SECRET,
+        redirect_uri=REDIRECT_URI,
+        system="xero",
+        base_url=emulator.base_url,
+    )
+    token = OAuthClient(config).exchange_code(
+        emulator.issue_code(client_id=CLIENT_ID, redirect_uri=REDIRECT_URI, system="xero")
+    )
+    store = VariableTokenStore(CONN_ID, cipher=TokenCipher([KEY]), backend=RestVariables(stack))
+    emulator.expire_access_tokens()
+    return store.save(token.with_expiry(time.time() - 60)).generation
+
+
+def _grant(stack) -> dict:
+    return TokenCipher([KEY]).open("grant", CONN_ID, stack.variable(f"papertrail_grant__{CONN_ID}"))
+
+
+def _run(stack, **conf) -> tuple[str, dict]:
+    run_id = stack.trigger(DAG_ID, conf=conf)
+    state = stack.wait_for_run(DAG_ID, run_id, timeout=300)
+    tis = stack.task_instances(DAG_ID, run_id)
+    return state, {ti["map_index"]: ti for ti in tis}
+
+
+def test_32_tasks_one_refresh(stack, emulator):
+    generation = _store_expired_grant(stack, emulator)
+    refreshes = emulator.stats["refresh_grants"]
+    state, tis = _run(stack)
+    assert state == "success", {i: ti["state"] for i, ti in tis.items()}
+    assert len(tis) == 32 and all(ti["state"] == "success" for ti in tis.values())
+    assert emulator.stats["refresh_grants"] - refreshes == 1
+    assert emulator.stats["grants_revoked"] == 0
+    grant = _grant(stack)
+    assert grant["generation"] == generation + 1
+    assert emulator.grant_is_active(grant["token"]["refresh_token"])
+    # serialized by the api-server coordinator, not by the per-machine fallback
+    logs = stack.all_logs()
+    assert "path=/papertrail/token" in logs
+    assert "refreshing on this machine" not in logs
+    leaked = [s[:6] for s in emulator.issued_secrets | {CLIENT_SECRET} if s in logs]
+    assert not leaked
+
+
+def test_faults_and_a_worker_killed_mid_refresh(stack, emulator):
+    _store_expired_grant(stack, emulator)
+    refreshes = emulator.stats["refresh_grants"]
+    emulator.inject("token", status=500, times=2)  # retried by the coordinator
+    emulator.inject("token", delay=4.0)  # slow answer: one worker dies while waiting for it
+    state, tis = _run(stack, kill_one=True)
+    assert state == "success", {i: ti["state"] for i, ti in tis.items()}
+    assert tis[0]["try_number"] >= 2  # the killed task failed once and succeeded on retry
+    assert emulator.stats["refresh_grants"] - refreshes == 1
+    assert emulator.stats["grants_revoked"] == 0
+    assert emulator.grant_is_active(_grant(stack)["token"]["refresh_token"])

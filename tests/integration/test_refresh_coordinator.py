@@ -1,0 +1,136 @@
+"""The api-server refresh coordinator against the real metadata DB and the emulator:
+one refresh per generation under concurrency, tickets, lost answers never replayed."""
+
+from __future__ import annotations
+
+import json
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+from fastapi.testclient import TestClient
+
+from airflow_papertrail.oauth import OAuthClient, OAuthClientConfig
+from airflow_papertrail.oauth.envelope import open_ticket, seal_ticket
+from airflow_papertrail.plugins.callback_app import create_app
+from airflow_papertrail.refresh import REQUEST_PURPOSE, RESPONSE_PURPOSE
+from airflow_papertrail.token_store import OrmVariables, VariableTokenStore, load_cipher
+from tests.conftest import CLIENT_ID, CLIENT_SECRET, REDIRECT_URI
+
+pytestmark = pytest.mark.integration
+CONN = "pt_coord"
+
+
+@pytest.fixture
+def grant(airflow_db, emulator, monkeypatch, fernet_key):
+    """An expired grant stored for CONN, and a client that posts tickets to the real route."""
+    monkeypatch.setenv(
+        f"AIRFLOW_CONN_{CONN.upper()}",
+        json.dumps(
+            {
+                "conn_type": "papertrail",
+                "login": CLIENT_ID,
+                "password": CLIENT_SECRET,
+                "host": emulator.base_url,
+                "extra": {"redirect_uri": REDIRECT_URI, "system": "xero"},
+            }
+        ),
+    )
+    config = OAuthClientConfig(
+        client_id=CLIENT_ID,
+        client_secret=CLIENT_SECRET,
+        redirect_uri=REDIRECT_URI,
+        system="xero",
+        base_url=emulator.base_url,
+    )
+    token = OAuthClient(config).exchange_code(
+        emulator.issue_code(client_id=CLIENT_ID, redirect_uri=REDIRECT_URI, system="xero")
+    )
+    store = VariableTokenStore(CONN, backend=OrmVariables())
+    stored = store.save(token.with_expiry(time.time() - 10))
+    client = TestClient(create_app())
+    cipher = load_cipher()
+
+    def ask(seen: int, force: bool = False):
+        ticket = seal_ticket(cipher, REQUEST_PURPOSE, {"conn_id": CONN, "seen_generation": seen, "force": force})
+        response = client.post("/token", json={"ticket": ticket})
+        body = response.json()
+        if response.status_code == 200:
+            body = open_ticket(cipher, RESPONSE_PURPOSE, body["ticket"])
+        return response.status_code, body
+
+    return emulator, store, stored, ask
+
+
+def test_concurrent_requests_cause_exactly_one_refresh(grant):
+    emulator, store, stored, ask = grant
+    emulator.inject("token", delay=0.5)  # make the refresh slow so the others pile up on the lock
+    with ThreadPoolExecutor(max_workers=16) as pool:
+        results = list(pool.map(lambda _: ask(stored.generation), range(16)))
+    assert all(status == 200 for status, _ in results), results
+    assert emulator.stats["refresh_grants"] == 1
+    generations = {body["generation"] for _, body in results}
+    assert generations == {stored.generation + 1}
+    current = store.load()
+    assert current.generation == stored.generation + 1
+    assert all(body["access_token"] == current.token.access_token for _, body in results)
+    assert emulator.grant_is_active(current.token.refresh_token)
+
+
+def test_valid_token_is_returned_without_refresh_and_force_refreshes_once(grant):
+    emulator, store, stored, ask = grant
+    status, first = ask(stored.generation)
+    assert status == 200
+    status, again = ask(first["generation"])  # still valid: no refresh
+    assert (status, again["generation"], emulator.stats["refresh_grants"]) == (200, first["generation"], 1)
+    status, forced = ask(first["generation"], force=True)  # after a 401
+    assert (status, forced["generation"], emulator.stats["refresh_grants"]) == (200, first["generation"] + 1, 2)
+    status, stale_force = ask(first["generation"], force=True)  # someone already forced it
+    assert (stale_force["generation"], emulator.stats["refresh_grants"]) == (forced["generation"], 2)
+
+
+def test_5xx_on_the_token_endpoint_is_retried_by_the_coordinator(grant):
+    emulator, store, stored, ask = grant
+    emulator.inject("token", status=500, times=2)
+    status, body = ask(stored.generation)
+    assert status == 200
+    assert emulator.stats["refresh_grants"] == 1
+    assert emulator.grant_is_active(store.load().token.refresh_token)
+
+
+def test_lost_answer_is_never_replayed(grant):
+    emulator, store, stored, ask = grant
+    emulator.inject("token", drop_after_processing=True)
+    status, body = ask(stored.generation)
+    assert status == 409 and body["error"] == "reauthorization_required"
+    assert "answer was lost" in body["message"]
+    assert store.load().refresh_outcome_unknown is True
+    requests_before = emulator.stats["token_requests"]
+    status, body = ask(stored.generation)
+    assert status == 409
+    assert emulator.stats["token_requests"] == requests_before  # the old token was not presented again
+    assert emulator.stats["grants_revoked"] == 0
+
+
+def test_revoked_grant_asks_for_reauthorization(grant):
+    emulator, store, stored, ask = grant
+    emulator.revoke_grant(stored.token.refresh_token)
+    status, body = ask(stored.generation)
+    assert status == 409 and "papertrail_authorize" in body["message"]
+
+
+@pytest.mark.parametrize("ticket", ["", "garbage", "gAAAAABn" + "x" * 80, 123])
+def test_forged_tickets_are_refused(grant, ticket):
+    emulator, *_ = grant
+    client = TestClient(create_app())
+    response = client.post("/token", json={"ticket": ticket})
+    assert response.status_code == 401
+    assert emulator.stats["refresh_grants"] == 0
+
+
+def test_ticket_for_another_purpose_is_refused(grant):
+    emulator, _, stored, _ = grant
+    ticket = seal_ticket(load_cipher(), RESPONSE_PURPOSE, {"conn_id": CONN, "seen_generation": stored.generation})
+    response = TestClient(create_app()).post("/token", json={"ticket": ticket})
+    assert response.status_code == 401
+    assert emulator.stats["refresh_grants"] == 0
