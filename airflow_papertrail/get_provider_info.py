@@ -146,6 +146,23 @@ def get_provider_info() -> dict[str, Any]:
                         "default": None,
                         "sensitive": True,
                     },
+                    "refresh_coordinator": {
+                        "description": "Who serializes token refreshes: 'auto' (the api-server plugin when "
+                        "reachable, else one refresh at a time per machine), 'api-server' (required; workers fail "
+                        "rather than refresh alone) or 'local' (per machine only: single-machine setups).",
+                        "version_added": "0.1.0",
+                        "type": "string",
+                        "example": "api-server",
+                        "default": "auto",
+                    },
+                    "coordinator_url": {
+                        "description": "URL of the api-server's refresh route. Default: derived from [core] "
+                        "execution_api_server_url (http://host:8080/execution/ -> http://host:8080/papertrail/token).",
+                        "version_added": "0.1.0",
+                        "type": "string",
+                        "example": "http://airflow-apiserver:8080/papertrail/token",
+                        "default": None,
+                    },
                 },
             }
         },
