@@ -38,6 +38,7 @@ from airflow_papertrail.testing.emulator import EmulatorClient, PapertrailEmulat
 from tests.e2e.harness import AirflowStack, wait_until  # noqa: E402
 
 CONN_ID = "papertrail_bench"
+VERBOSE = "--verbose" in sys.argv
 KEY = Fernet.generate_key().decode()
 
 
@@ -61,13 +62,19 @@ def one_run(stack: AirflowStack, emulator: PapertrailEmulator, dag_id: str, thin
     url = stack.xcom(dag_id, run_id, "authorize")["consent_url"]
     before = generation(stack)
     running = 0.0
+    seen: dict[str, int] = {}
     deadline = time.monotonic() + think
+    last = time.monotonic()
     while time.monotonic() < deadline:  # the person reads the page; sample the sensor's state
-        state = stack.task_instance(dag_id, run_id, "wait_for_consent").get("state")
-        step = 0.1
-        time.sleep(step)
+        state = str(stack.task_instance(dag_id, run_id, "wait_for_consent").get("state"))
+        now = time.monotonic()
         if state == "running":
-            running += step
+            running += now - last  # time since the previous sample, attributed to this state
+        seen[state] = seen.get(state, 0) + 1
+        last = now
+        time.sleep(0.1)
+    if VERBOSE:
+        print(f"  {dag_id}: sensor states sampled while waiting: {seen}", flush=True)
     redirect = consent(emulator, url)
     t0 = time.monotonic()
     response = requests.get(redirect, timeout=10)
@@ -89,6 +96,7 @@ def main() -> int:
     parser.add_argument("--runs", type=int, default=20)
     parser.add_argument("--think", type=float, default=3.0)
     parser.add_argument("--long-wait", type=float, default=20.0)
+    parser.add_argument("--verbose", action="store_true", help="print the sensor states sampled per run")
     args = parser.parse_args()
 
     emulator = PapertrailEmulator().start()

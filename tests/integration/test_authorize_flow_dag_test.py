@@ -81,9 +81,12 @@ def _run(emulator, monkeypatch, dag_file, dag_id, decision, key):
             "issuer": emulator.base_url,
         },
     }
+    notify_file = Path(os.environ["AIRFLOW_HOME"]) / f"notify-{dag_id}.txt"
+    notify_file.unlink(missing_ok=True)
     env = airflow_env(
         AIRFLOW_CONN_PAPERTRAIL_IT=json.dumps(conn),
         AIRFLOW__PAPERTRAIL__TOKEN_ENCRYPTION_KEYS=key,
+        PT_IT_NOTIFY_FILE=str(notify_file),
     )
     monkeypatch.setenv("AIRFLOW__PAPERTRAIL__TOKEN_ENCRYPTION_KEYS", key)
     home = Path(os.environ["AIRFLOW_HOME"])
@@ -106,6 +109,9 @@ def _run(emulator, monkeypatch, dag_file, dag_id, decision, key):
         response = callback.get(f"/callback?{parts.query}")
         replay = callback.get(f"/callback?{parts.query}")
         out, err = proc.communicate(timeout=180)
+        notified = notify_file.read_text() if notify_file.exists() else None
+        if dag_id == "papertrail_authorize_poke_it":
+            assert notified is not None and notified.startswith(f"Approve: {url} until ")  # the notifier got the link
         return proc.returncode, out + err, response, replay, time.monotonic() - delivered
     finally:
         if proc.poll() is None:
