@@ -131,3 +131,46 @@ class TokenDecryptionError(TokenStoreError):
 
 class TokenWriteVerificationError(TokenStoreError):
     """A token was written but reading it back gave something else (apache/airflow#68537)."""
+
+
+class PapertrailApiError(PapertrailError):
+    """A data-module call failed: the service refused it, or its answer was unusable.
+
+    :param message: what happened and what to do next (never a token).
+    :param status: the HTTP status, when an answer arrived.
+    :param error: the service's error code (``invalid_query``, ...) when it sent one.
+    :param module: the module called.
+    :param query: the query called.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        status: int | None = None,
+        error: str | None = None,
+        module: str | None = None,
+        query: str | None = None,
+    ) -> None:
+        self.status = status
+        self.error = error
+        self.module = module
+        self.query = query
+        super().__init__(message)
+
+
+class TransientApiError(PapertrailApiError):
+    """The service could not be reached, or answered 429/5xx, after every allowed retry.
+
+    Nothing was changed by the call (reads, or writes that certainly never left): trying
+    again later is safe.
+    """
+
+
+class WriteOutcomeUnknown(PapertrailApiError):
+    """A write may have reached the server, but its answer was lost or was an error.
+
+    It was deliberately **not** retried: replaying it could create a duplicate (a second
+    invoice, a second payment). Check the accounting system for the record before trying
+    again.
+    """

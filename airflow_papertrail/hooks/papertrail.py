@@ -24,6 +24,7 @@ from airflow_papertrail.token_store import VariableTokenStore
 if TYPE_CHECKING:
     from airflow.sdk import Connection
 
+    from airflow_papertrail.api.client import DataClient
     from airflow_papertrail.token_store import StoredGrant
 
 CONN_TYPE = "papertrail"
@@ -189,6 +190,36 @@ class PapertrailHook(BaseHook):
         from airflow_papertrail.refresh import get_valid_token
 
         return get_valid_token(self, force_refresh=force_refresh).access_token
+
+    @cached_property
+    def data_client(self) -> DataClient:
+        """Client of the data modules (``api_<module>.php``) with this connection's token."""
+        from airflow_papertrail.api.client import DataClient
+
+        config = self.config
+        return DataClient(
+            api_url=config.effective_api_url,
+            default_system=config.system,
+            token_provider=lambda force: self.get_access_token(force_refresh=force),
+            timeout=config.timeout,
+            verify=config.verify,
+            conn_id=self.papertrail_conn_id,
+        )
+
+    def query(
+        self,
+        module: str,
+        query: str,
+        *,
+        system: str | None = None,
+        params: dict[str, Any] | None = None,
+        payload: Any = None,
+        allow_unknown: bool = False,
+    ) -> Any:
+        """Run one documented query (see ``airflow_papertrail.api.modules.MODULES``) and return the JSON body."""
+        return self.data_client.query(
+            module, query, system=system, params=params, payload=payload, allow_unknown=allow_unknown
+        )
 
     def test_connection(self) -> tuple[bool, str]:
         """Check the configuration and the client credentials without spending anything.

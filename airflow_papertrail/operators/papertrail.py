@@ -93,3 +93,10 @@ class PapertrailAuthorizeOperator(BaseOperator):
             "conn_id": self.papertrail_conn_id,
             "expires_at": pending.expires_at,
         }
+
+
+# The data operators live in their own module (no HTTP imports at DAG-parse time) and are
+# re-exported here, where users look for them.
+from airflow_papertrail.operators.query import PapertrailExtractOperator, PapertrailQueryOperator  # noqa: E402
+
+__all__ = ["PapertrailAuthorizeOperator", "PapertrailExtractOperator", "PapertrailQueryOperator"]

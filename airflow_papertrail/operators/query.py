@@ -1,0 +1,250 @@
+"""Operators that read and write Papertrail-ai data (re-exported from ``operators.papertrail``).
+
+Both are thin: the HTTP calls, retries, token handling and streaming live in
+:class:`airflow_papertrail.api.client.DataClient`, reached through
+:attr:`PapertrailHook.data_client <airflow_papertrail.hooks.papertrail.PapertrailHook.data_client>`.
+Constructors do no I/O; the hook is created in ``execute``.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
+
+from airflow.sdk import BaseOperator
+
+if TYPE_CHECKING:
+    from collections.abc import Sequence
+
+    from airflow.sdk import Context
+
+DEFAULT_MAX_XCOM_BYTES = 1 << 20
+# A stable namespace for idempotency keys derived from a task instance.
+_IDEMPOTENCY_NAMESPACE = uuid.UUID("0b6f5f59-3c1e-4c55-9a53-6a1f0e0c2f11")
+
+
+def _is_template(*values: Any) -> bool:
+    return any(isinstance(v, str) and ("{{" in v or "{%" in v) for v in values)
+
+
+def _check_now(module: Any, query: Any, allow_unknown: bool) -> None:
+    """Validate a literal module/query while the DAG is parsed (templated ones at run time)."""
+    if isinstance(module, str) and isinstance(query, str) and not _is_template(module, query):
+        from airflow_papertrail.api.modules import validate
+
+        validate(module, query, allow_unknown)
+
+
+def _query_params(value: Any) -> dict[str, Any] | None:
+    if value is None or value == "":
+        return None
+    if isinstance(value, Mapping):
+        return dict(value)
+    raise _fail(
+        f"query_params must be a mapping, got {type(value).__name__} {str(value)[:80]!r}; a template that "
+        "should produce a dict needs render_template_as_native_obj=True on the DAG"
+    )
+
+
+def _fail(message: str) -> Exception:
+    """An error Airflow must not retry (the same call would fail or do harm again)."""
+    from airflow.sdk.exceptions import AirflowFailException
+
+    return AirflowFailException(message)
+
+
+class PapertrailQueryOperator(BaseOperator):
+    """Run one Papertrail-ai query and push its JSON answer to XCom.
+
+    For reads that fit in XCom (a report, one invoice, company details) and for writes
+    (``create_*``, ``account_*``). For long lists use :class:`PapertrailExtractOperator`,
+    which streams to storage.
+
+    A write is sent once with an ``Idempotency-Key`` derived from the task instance and the
+    payload (the same on every try of this task instance). If it may have reached the server
+    but no clear answer came back, the task fails **without retry**: replaying it could
+    create a duplicate; check the accounting system first.
+
+    :param module: data module, e.g. ``reports`` (templated).
+    :param query: query of that module, e.g. ``trial_balance`` (templated).
+    :param system: accounting system; defaults to the connection's extra ``system`` (templated).
+    :param query_params: extra query-string parameters, strings/numbers/booleans (templated).
+        (Named ``query_params`` because ``params`` is Airflow's own task argument.)
+    :param payload: JSON object/array sent as the body of a write query (templated).
+    :param allow_unknown: allow a module/query this provider does not know; it is sent as
+        a write (POST, never replayed).
+    :param papertrail_conn_id: the ``papertrail`` connection (templated).
+    :param max_xcom_bytes: refuse an answer whose JSON is larger than this (default 1 MiB).
+    """
+
+    template_fields: Sequence[str] = ("module", "query", "system", "query_params", "payload", "papertrail_conn_id")
+    template_fields_renderers = {"query_params": "json", "payload": "json"}
+    ui_color = "#e8f1ff"
+
+    def __init__(
+        self,
+        *,
+        module: str,
+        query: str,
+        system: str | None = None,
+        query_params: Mapping[str, Any] | str | None = None,
+        payload: Any = None,
+        allow_unknown: bool = False,
+        papertrail_conn_id: str = "papertrail_default",
+        max_xcom_bytes: int = DEFAULT_MAX_XCOM_BYTES,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(**kwargs)
+        if max_xcom_bytes < 1:
+            raise ValueError("max_xcom_bytes must be positive")
+        _check_now(module, query, allow_unknown)
+        self.module = module
+        self.query = query
+        self.system = system
+        self.query_params = query_params
+        self.payload = payload
+        self.allow_unknown = allow_unknown
+        self.papertrail_conn_id = papertrail_conn_id
+        self.max_xcom_bytes = max_xcom_bytes
+
+    def _idempotency_key(self, context: Context) -> str:
+        ti = context.get("ti")
+        payload = json.dumps(self.payload, sort_keys=True, separators=(",", ":"), default=str)
+        parts = [
+            getattr(ti, "dag_id", self.dag_id),
+            getattr(ti, "task_id", self.task_id),
+            str(getattr(ti, "run_id", "")),
+            str(getattr(ti, "map_index", -1)),
+            self.module,
+            self.query,
+            str(self.system),
+            payload,
+        ]
+        return str(uuid.uuid5(_IDEMPOTENCY_NAMESPACE, "\x1f".join(map(str, parts))))
+
+    def execute(self, context: Context) -> Any:
+        from airflow_papertrail.api.client import PapertrailApiError, WriteOutcomeUnknown
+        from airflow_papertrail.api.modules import validate
+        from airflow_papertrail.exceptions import PapertrailConfigurationError, ReauthorizationRequired
+        from airflow_papertrail.hooks.papertrail import PapertrailHook
+
+        try:
+            spec = validate(self.module, self.query, self.allow_unknown)
+            params = _query_params(self.query_params)
+            client = PapertrailHook(self.papertrail_conn_id).data_client
+            self.log.info(
+                "Papertrail-ai %s %s (system %s) through connection %r",
+                "write" if spec.write else "read",
+                spec.label,
+                self.system or client.default_system,
+                self.papertrail_conn_id,
+            )
+            result = client.query(
+                self.module,
+                self.query,
+                system=self.system,
+                params=params,
+                payload=self.payload,
+                allow_unknown=self.allow_unknown,
+                idempotency_key=self._idempotency_key(context) if spec.write else None,
+                # A pretty-printed answer is larger than its compact XCom form; the exact
+                # check is below, this only stops a huge list from filling the worker's memory.
+                max_bytes=8 * self.max_xcom_bytes,
+            )
+        except (WriteOutcomeUnknown, PapertrailConfigurationError, ReauthorizationRequired) as exc:
+            raise _fail(str(exc)) from exc
+        except PapertrailApiError as exc:
+            if exc.error == "response_too_large":
+                raise _fail(self._too_large(f"more than {8 * self.max_xcom_bytes} bytes")) from exc
+            raise
+        size = len(json.dumps(result, separators=(",", ":")).encode("utf-8"))
+        if size > self.max_xcom_bytes:
+            raise _fail(self._too_large(f"{size} bytes of JSON"))
+        return result
+
+    def _too_large(self, what: str) -> str:
+        return (
+            f"the answer of Papertrail-ai {self.module}/{self.query} is {what}, over max_xcom_bytes="
+            f"{self.max_xcom_bytes}: XCom lives in the metadata database. Stream it to storage with "
+            "PapertrailExtractOperator (one JSON line per record) and pass the path on, or raise max_xcom_bytes."
+        )
+
+
+class PapertrailExtractOperator(BaseOperator):
+    """Stream the records of a Papertrail-ai read query to a JSON-lines file.
+
+    Memory stays bounded by one record and one network chunk, whatever the size of the
+    list. The file is written under a temporary name and renamed when complete. Only a
+    summary goes to XCom: ``{"path": ..., "records": n, "bytes": b}``. A report or other
+    single object becomes one line.
+
+    :param module: data module, e.g. ``gl`` (templated).
+    :param query: read query of that module, e.g. ``list_gl_transaction`` (templated).
+    :param destination: local path, URL (``s3://...``, ``file://...``) or
+        ``ObjectStoragePath`` (templated when a string); parent directories of a local
+        path are created.
+    :param system: accounting system; defaults to the connection's extra ``system`` (templated).
+    :param query_params: extra query-string parameters, strings/numbers/booleans (templated).
+    :param allow_unknown: allow a module/query this provider does not know (one the service
+        added later); extraction sends it as a read (GET), unless its name starts with
+        ``create_`` or ``account_``, which is refused.
+    :param papertrail_conn_id: the ``papertrail`` connection (templated).
+    """
+
+    template_fields: Sequence[str] = ("module", "query", "destination", "system", "query_params", "papertrail_conn_id")
+    template_fields_renderers = {"query_params": "json"}
+    ui_color = "#e8f1ff"
+
+    def __init__(
+        self,
+        *,
+        module: str,
+        query: str,
+        destination: Any,
+        system: str | None = None,
+        query_params: Mapping[str, Any] | str | None = None,
+        allow_unknown: bool = False,
+        papertrail_conn_id: str = "papertrail_default",
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(**kwargs)
+        _check_now(module, query, allow_unknown)
+        self.module = module
+        self.query = query
+        self.destination = destination
+        self.system = system
+        self.query_params = query_params
+        self.allow_unknown = allow_unknown
+        self.papertrail_conn_id = papertrail_conn_id
+
+    def execute(self, context: Context) -> dict[str, Any]:
+        from airflow_papertrail.exceptions import PapertrailConfigurationError, ReauthorizationRequired
+        from airflow_papertrail.hooks.papertrail import PapertrailHook
+
+        try:
+            params = _query_params(self.query_params)
+            client = PapertrailHook(self.papertrail_conn_id).data_client
+            self.log.info(
+                "Extracting Papertrail-ai %s/%s (system %s) to %s",
+                self.module,
+                self.query,
+                self.system or client.default_system,
+                self.destination,
+            )
+            result = client.extract(
+                self.module,
+                self.query,
+                self.destination,
+                system=self.system,
+                params=params,
+                allow_unknown=self.allow_unknown,
+            )
+        except (PapertrailConfigurationError, ReauthorizationRequired) as exc:
+            raise _fail(str(exc)) from exc
+        self.log.info("Wrote %d records (%d bytes) to %s", result["records"], result["bytes"], result["path"])
+        return result
+
+
+__all__ = ["DEFAULT_MAX_XCOM_BYTES", "PapertrailExtractOperator", "PapertrailQueryOperator"]
