@@ -2,7 +2,7 @@
 """The project's two entry points, each bootstrapping its own environment from uv.lock.
 
     python3 scripts/dev.py demo    # a local Airflow with the provider and the emulator
-    python3 scripts/dev.py test    # ruff + mypy + the whole pytest suite
+    python3 scripts/dev.py test    # ruff + mypy + strict docs build + the whole pytest suite
 
 Needs only Python 3.10-3.13 and pip: uv is installed into .tools/ when it is not on PATH,
 then ``uv sync --locked`` builds .venv/ (bytecode compiled) from the lock file.
@@ -68,6 +68,7 @@ def bootstrap() -> dict[str, str]:
         [find_uv(), "sync", "--locked", "--python", sys.executable, "--quiet"], cwd=ROOT, env=env, check=True
     )
     env["PATH"] = f"{VENV / BIN}{os.pathsep}{env.get('PATH', '')}"
+    env.setdefault("NO_MKDOCS_2_WARNING", "1")
     env["VIRTUAL_ENV"] = str(VENV)
     return env
 
@@ -85,6 +86,7 @@ def cmd_test(args: argparse.Namespace) -> int:
         ("ruff", [py, "-m", "ruff", "check", "."]),
         ("ruff format", [py, "-m", "ruff", "format", "--check", "."]),
         ("mypy", [py, "-m", "mypy"]),
+        ("docs (strict)", [py, "-m", "mkdocs", "build", "--strict", "--quiet", "-d", str(ROOT / "site")]),
     ]
     if not args.skip_lint:
         for name, cmd in steps:
@@ -261,7 +263,7 @@ def main(argv: list[str] | None = None) -> int:
         prog="scripts/dev.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     sub = parser.add_subparsers(dest="command", required=True)
-    test = sub.add_parser("test", help="ruff, mypy and the whole pytest suite")
+    test = sub.add_parser("test", help="ruff, mypy, the strict docs build and the whole pytest suite")
     test.add_argument("--skip-lint", action="store_true", help="only run pytest")
     test.add_argument("pytest_args", nargs="*", help="extra pytest arguments (after --)")
     test.set_defaults(func=cmd_test)
