@@ -1,7 +1,7 @@
 """Extract a client organisation's books from Papertrail-ai to JSON-lines files, daily.
 
 One task per list or report query, all independent (they run in parallel). Each streams
-its records to ``{base_path}/{ds}/{module}__{query}.jsonl``, one JSON record per line (a
+its records to ``{base_path}/{date}/{module}__{query}.jsonl`` (``date`` = the logical date, or the run's ``run_after`` for manual runs), one JSON record per line (a
 report is a single line), in constant memory, and pushes only ``{"path", "records",
 "bytes"}`` to XCom. A file appears complete or not at all: it is written under a temporary
 name and renamed at the end.
@@ -73,7 +73,9 @@ def papertrail_extract() -> None:
             papertrail_conn_id="{{ params.conn_id }}",
             module=module,
             query=query,
-            destination="{{ params.base_path.rstrip('/') }}/{{ ds }}/" + f"{module}__{query}.jsonl",
+            # Manual runs in Airflow 3 have no logical date (no ``ds``): fall back to run_after.
+            destination="{{ params.base_path.rstrip('/') }}/{{ (logical_date or dag_run.run_after).strftime('%Y-%m-%d') }}/"
+            + f"{module}__{query}.jsonl",
             query_params="{{ params.query_params }}",
         )
 
