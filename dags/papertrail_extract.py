@@ -74,7 +74,7 @@ def papertrail_extract() -> None:
             module=module,
             query=query,
             # Manual runs in Airflow 3 have no logical date (no ``ds``): fall back to run_after.
-            destination="{{ params.base_path.rstrip('/') }}/{{ (logical_date or dag_run.run_after).strftime('%Y-%m-%d') }}/"
+            destination="{{ params.base_path.rstrip('/') }}/{{ (dag_run.logical_date or dag_run.run_after).strftime('%Y-%m-%d') }}/"
             + f"{module}__{query}.jsonl",
             query_params="{{ params.query_params }}",
         )

@@ -134,6 +134,10 @@ def _wait(url: str, deadline: float, procs: list[subprocess.Popen]) -> None:
 def cmd_demo(args: argparse.Namespace) -> int:
     env = bootstrap()
     home = ROOT / ".demo" / "airflow-home"
+    # A throw-away Airflow: runs left by an earlier demo (e.g. stopped mid-run) would queue
+    # behind max_active_runs and look like a hang.
+    shutil.rmtree(home, ignore_errors=True)
+    shutil.rmtree(ROOT / ".demo" / "output", ignore_errors=True)
     home.mkdir(parents=True, exist_ok=True)
     key_file = ROOT / ".demo" / "token-encryption-key"
     if not key_file.exists():
@@ -151,6 +155,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         AIRFLOW__API__PORT=str(port),
         AIRFLOW__API__HOST="127.0.0.1",
         AIRFLOW__API__BASE_URL=base,
+        AIRFLOW__CORE__EXECUTION_API_SERVER_URL=f"{base}/execution/",
         AIRFLOW__CORE__TEST_CONNECTION="Enabled",
         AIRFLOW__PAPERTRAIL__TOKEN_ENCRYPTION_KEYS=key_file.read_text().strip(),
     )
@@ -243,6 +248,28 @@ def cmd_demo(args: argparse.Namespace) -> int:
         print("  Connection:    papertrail_default (Admin > Connections, type 'Papertrail-ai')")
         print(f"  Emulator:      http://127.0.0.1:{emulator_port}  (stands in for Papertrail-ai)")
         print()
+        if not args.no_flow:
+            flow = [
+                str(VENV / BIN / "python"),
+                str(ROOT / "scripts" / "demo_flow.py"),
+                "--base-url",
+                base,
+                "--password",
+                password,
+                "--output",
+                str(ROOT / ".demo" / "output"),
+            ]
+            if args.manual_consent:
+                flow.append("--manual")
+            if subprocess.run(flow, cwd=ROOT, env=env).returncode != 0:
+                say(
+                    "the demo flow failed; Airflow keeps running for inspection"
+                    if not args.exit_when_ready
+                    else "the demo flow failed"
+                )
+                if args.exit_when_ready:
+                    return 1
+            print(f"  Airflow UI:    {base}  (login: admin / {password})")
         if args.exit_when_ready:
             say("ready; stopping (--exit-when-ready)")
             return 0
@@ -271,7 +298,9 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("--port", type=int, default=8080)
     demo.add_argument("--emulator-port", type=int, default=8443)
     demo.add_argument("--timeout", type=float, default=300, help="seconds to wait for Airflow")
-    demo.add_argument("--exit-when-ready", action="store_true", help="stop everything once it is up (for CI)")
+    demo.add_argument("--exit-when-ready", action="store_true", help="stop everything once the demo ran (for CI)")
+    demo.add_argument("--manual-consent", action="store_true", help="print the consent link for you to click")
+    demo.add_argument("--no-flow", action="store_true", help="only start Airflow and the emulator")
     demo.set_defaults(func=cmd_demo)
     args = parser.parse_args(argv)
     return args.func(args)
