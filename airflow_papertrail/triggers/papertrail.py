@@ -2,9 +2,12 @@
 
 Doing the exchange here (not after the task resumes on a worker) keeps callback-to-stored
 latency at the poll interval plus one token request, instead of a scheduler round trip
-(~10 s measured). The HTTP call runs in a thread so the triggerer's event loop never
-blocks on the network; Variable reads and writes stay on the loop (Airflow 3.3 runs sync
-Variable calls inside ``run()`` through its greenback portal).
+(~10 s measured). Everything that blocks (Variable and Connection reads and writes through
+the Task SDK, and the token request) runs through :func:`_blocking`, so the triggerer's event
+loop never waits on the network or the supervisor. That is also what makes the trigger work on
+every supported Airflow: 3.2.0 and 3.2.1 refuse sync SDK calls made on the event loop's own
+thread (``async_to_sync`` raises there); 3.2.2+ accept them through a greenback portal, which
+``AIRFLOW_DISABLE_GREENBACK_PORTAL`` turns off. From a ``sync_to_async`` thread all of them work.
 """
 
 from __future__ import annotations
@@ -12,7 +15,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from airflow.triggers.base import BaseTrigger, TriggerEvent
 
@@ -26,9 +29,24 @@ from airflow_papertrail.authorization import (
 from airflow_papertrail.exceptions import OAuthError, PapertrailError, TransientOAuthError
 
 if TYPE_CHECKING:
-    from collections.abc import AsyncIterator
+    from collections.abc import AsyncIterator, Callable
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+
+async def _blocking(func: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+    """Run blocking work (Task SDK calls, HTTP) off the event loop, on a worker thread.
+
+    ``asgiref``'s ``sync_to_async`` (not ``asyncio.to_thread``) because the Task SDK in Airflow
+    3.2.0/3.2.1's triggerer talks to its supervisor with ``async_to_sync``, which only finds the
+    triggerer's loop from a ``sync_to_async`` thread. ``thread_sensitive=False``: concurrent
+    triggers must not queue behind one shared thread.
+    """
+    from asgiref.sync import sync_to_async
+
+    return await sync_to_async(func, thread_sensitive=False)(*args, **kwargs)
 
 
 class PapertrailAuthorizationTrigger(BaseTrigger):
@@ -87,7 +105,7 @@ class PapertrailAuthorizationTrigger(BaseTrigger):
         try:
             authorizations = AuthorizationStore(on_secret=mask)
             while True:
-                pending = authorizations.load(self.authorization_id)
+                pending = await _blocking(authorizations.load, self.authorization_id)
                 outcome = examine(pending, conn_id=conn_id, now=time.time())
                 if outcome is None:
                     assert pending is not None
@@ -104,17 +122,17 @@ class PapertrailAuthorizationTrigger(BaseTrigger):
                 await asyncio.sleep(self.poll_interval)
 
             hook = PapertrailHook(conn_id)
-            client = hook.oauth_client
-            authorizations.delete(pending.authorization_id)  # single use, before anything else
+            client = await _blocking(lambda: hook.oauth_client)  # reads the connection
+            await _blocking(authorizations.delete, pending.authorization_id)  # single use, before anything else
             try:
-                token = await asyncio.to_thread(
+                token = await _blocking(
                     client.exchange_code_unmasked, pending.code, code_verifier=pending.code_verifier
                 )
             except (OAuthError, TransientOAuthError) as exc:
                 return failure_outcome(conn_id, exc)
             for value in token.secrets:
                 mask(value)
-            return store_grant(conn_id, token, hook.token_store)
+            return await _blocking(lambda: store_grant(conn_id, token, hook.token_store))
         except PapertrailError as exc:
             return Outcome("failed", str(exc), conn_id)
         except Exception as exc:  # never let a secret-bearing traceback into the triggerer log
