@@ -179,7 +179,8 @@ class AuthorizationStore:
             pending = PendingAuthorization.from_payload(payload)
         except TypeError:
             raise TokenDecryptionError(
-                f"Variable {pending_variable_key(authorization_id)!r} holds an incomplete authorization"
+                f"Variable {pending_variable_key(authorization_id)!r} holds an incomplete authorization; it was "
+                "left untouched. Re-run the papertrail_authorize DAG to start a new authorization."
             ) from None
         if self._on_secret:
             for value in pending.secrets:

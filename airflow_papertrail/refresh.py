@@ -214,7 +214,12 @@ def get_valid_token(hook: PapertrailHook, *, force_refresh: bool = False) -> Tok
             return _via_api_server(hook, stored, force_refresh)
         except CoordinatorUnavailable as exc:
             if mode == "api-server":
-                raise TransientOAuthError(f"the token refresh coordinator is unavailable: {exc}") from None
+                raise TransientOAuthError(
+                    f"the token refresh coordinator is unavailable: {exc}. [papertrail] refresh_coordinator = "
+                    "api-server forbids refreshing on this machine: make the api-server reachable from this worker "
+                    "([papertrail] coordinator_url, else [core] execution_api_server_url) with "
+                    "airflow-provider-papertrail installed there, or set refresh_coordinator = auto"
+                ) from None
             log.info("No Papertrail-ai refresh coordinator reachable (%s); refreshing on this machine.", exc)
     return _locally(hook, stored, force_refresh)
 
@@ -227,7 +232,7 @@ def _via_api_server(hook: PapertrailHook, stored: StoredGrant, force: bool) -> T
     conn_id = hook.papertrail_conn_id
     url = coordinator_url()
     if not url:
-        raise CoordinatorUnavailable("no [core] execution_api_server_url / [papertrail] coordinator_url")
+        raise CoordinatorUnavailable("neither [papertrail] coordinator_url nor [core] execution_api_server_url is set")
     cipher = hook.token_store.cipher
     ticket = seal_ticket(
         cipher, REQUEST_PURPOSE, {"conn_id": conn_id, "seen_generation": stored.generation, "force": force}
@@ -251,22 +256,31 @@ def _via_api_server(hook: PapertrailHook, stored: StoredGrant, force: bool) -> T
     if response.status_code == 401:
         raise PapertrailConfigurationError(
             "the api-server refused our refresh ticket: [papertrail] token_encryption_keys differ between this "
-            "worker and the api-server; set the same keys on every Airflow component"
+            "worker and the api-server (or their clocks differ by more than a minute); set the same keys on every "
+            "Airflow component"
         )
     if response.status_code != 200:
         raise TransientOAuthError(
-            f"token refresh failed on the api-server: {body.get('message', response.status_code)}"
+            f"token refresh failed on the api-server: {body.get('message', response.status_code)}; "
+            "the api-server log has the details; retry the task once the cause is fixed"
         )
     try:
         answer = open_ticket(cipher, RESPONSE_PURPOSE, str(body["ticket"]), ttl=300)
     except (TicketError, KeyError):
-        raise PapertrailConfigurationError("the api-server's refresh answer cannot be read with our keys") from None
+        raise PapertrailConfigurationError(
+            "the api-server's refresh answer cannot be read with this worker's [papertrail] token_encryption_keys "
+            "(the api-server encrypts with a key this worker lacks, e.g. half-way through a key rotation, or the "
+            "clocks of this worker and the api-server differ by more than a minute); set the same keys, in the "
+            "same order, on every Airflow component"
+        ) from None
     mask(answer["access_token"])
     # Read back: the new grant must be what the store holds now (or something newer).
     current = hook.token_store.load()
     if current is None or current.generation < int(answer["generation"]):
         raise TransientOAuthError(
-            f"the refreshed grant of {conn_id!r} (generation {answer['generation']}) is not visible in its Variable yet; retry"
+            f"the refreshed grant of {conn_id!r} (generation {answer['generation']}) is not visible in its Variable "
+            f"yet; retry the task (if this persists, a secrets backend may shadow the Variable "
+            f"{grant_variable_key(conn_id)!r})"
         )
     return Token(
         access_token=str(answer["access_token"]),

@@ -204,7 +204,8 @@ class VariableTokenStore:
             self.backend.set(self.key, envelope, description)
         except Exception as exc:
             raise TokenWriteVerificationError(
-                f"could not write Variable {self.key!r} for connection {self.conn_id!r} ({type(exc).__name__})"
+                f"could not write Variable {self.key!r} for connection {self.conn_id!r} ({type(exc).__name__}); "
+                "nothing was stored. Check the task or api-server log for the Variable API error, then retry."
             ) from None
         try:
             stored = self.backend.get(self.key)

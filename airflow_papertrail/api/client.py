@@ -547,7 +547,10 @@ class DataClient:
                 response.close()
                 raise ReauthorizationRequired(
                     self.conn_id or "(unknown connection)",
-                    f"the data API refused a freshly refreshed access token for {spec.label}"
+                    # module and query apart: a label such as customers/create_credit_note is long
+                    # enough to look like a token to sanitize_description and would be redacted
+                    f"the data API refused a freshly refreshed access token for query {spec.query!r} "
+                    f"of module {spec.module!r}"
                     + (f" ({error}: {description})" if description else f" ({error})" if error else ""),
                     error=error or "invalid_token",
                     status=401,
@@ -643,7 +646,8 @@ class DataClient:
             403: "The grant does not allow this module/query: re-run the papertrail_authorize DAG with the needed scope.",
             404: f"No such module at {self.api_url}: check the connection's api_url/host.",
             405: "The service refused the HTTP method: if the query is not documented, it may be a read; "
-            "this provider sends undocumented queries as writes (POST).",
+            "query() sends undocumented queries as writes (POST), extract()/iter_records() "
+            "(PapertrailExtractOperator) as reads (GET).",
             413: "The payload is too large for the service.",
             415: "The service refused the payload's content type.",
         }

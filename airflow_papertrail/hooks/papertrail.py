@@ -130,7 +130,10 @@ def _extras(conn: Connection) -> dict[str, Any]:
             f"the extra of connection {conn.conn_id!r} is not valid JSON; fix it in the connection form"
         ) from None
     if not isinstance(value, dict):
-        raise PapertrailConfigurationError(f"the extra of connection {conn.conn_id!r} must be a JSON object")
+        raise PapertrailConfigurationError(
+            f"the extra of connection {conn.conn_id!r} must be a JSON object such as "
+            '{"redirect_uri": "...", "system": "xero"}; fix it in the connection form'
+        )
     return value
 
 

@@ -101,7 +101,10 @@ def build_authorization_request(
     reserved = set(params) | {"client_secret", "code_verifier", "code"}
     for key, value in (extra_params or {}).items():
         if key in reserved:
-            raise ValueError(f"extra authorization parameter {key!r} is reserved")
+            raise ValueError(
+                f"extra authorization parameter {key!r} is reserved (protocol parameters are set by the provider "
+                "and cannot be overridden); remove it from extra_authorize_params"
+            )
         params[key] = value
     parts = urlsplit(config.effective_authorize_url)
     query = parse_qsl(parts.query, keep_blank_values=True) + list(params.items())

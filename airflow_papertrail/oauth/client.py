@@ -271,7 +271,11 @@ class OAuthClient:
             raise InvalidGrantError(error, description, status)
         if error:
             raise OAuthError(str(error), description, status)
-        raise OAuthError("invalid_response", f"unexpected HTTP {status} without an OAuth error", status)
+        raise OAuthError(
+            "invalid_response",
+            f"unexpected HTTP {status} without an OAuth error (is token_url the token endpoint?)",
+            status,
+        )
 
     def close(self) -> None:
         with self._lock:

@@ -95,7 +95,10 @@ class TokenCipher:
             )
         payload = inner.get("payload")
         if not isinstance(payload, dict):
-            raise TokenDecryptionError(f"{label} decrypted to an unexpected payload; it was left untouched.")
+            raise TokenDecryptionError(
+                f"{label} decrypted to an unexpected payload; it was left untouched. "
+                "Re-run the papertrail_authorize DAG to replace it."
+            )
         return payload
 
     def rotate(self, envelope: str) -> str:

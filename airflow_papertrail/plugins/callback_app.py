@@ -81,7 +81,10 @@ def _resolve(params: dict[str, str]) -> tuple[str, str]:
         )
     if not _STATE.fullmatch(state):
         raise CallbackError(
-            400, "Unknown authorization", "This link does not belong to a pending authorization. Nothing was recorded."
+            400,
+            "Unknown authorization",
+            "This link does not belong to a pending authorization. Nothing was recorded; "
+            "if you are connecting an organisation, start a new authorization from Airflow.",
         )
     code, error = params.get("code"), params.get("error")
     if code and error:
@@ -123,7 +126,8 @@ def handle_callback(
                 raise CallbackError(
                     400,
                     "Unknown authorization",
-                    "This link does not belong to a pending authorization. Nothing was recorded.",
+                    "This link does not belong to a pending authorization. Nothing was recorded; "
+                    "if you are connecting an organisation, start a new authorization from Airflow.",
                 )
             if pending.status != PENDING:
                 raise CallbackError(
@@ -185,7 +189,8 @@ def handle_callback(
         return (
             400,
             "Unknown authorization",
-            "This link does not belong to a pending authorization. Nothing was recorded.",
+            "This link does not belong to a pending authorization. Nothing was recorded; "
+            "if you are connecting an organisation, start a new authorization from Airflow.",
             False,
         )
     except Exception:

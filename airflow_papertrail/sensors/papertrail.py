@@ -106,7 +106,9 @@ class PapertrailAuthorizationSensor(BaseSensorOperator):
 
     def execute_complete(self, context: Context, event: dict[str, Any] | None = None) -> dict[str, Any]:
         if not event:
-            raise AirflowFailException("the Papertrail-ai authorization trigger ended without an event")
+            raise AirflowFailException(
+                "the Papertrail-ai authorization trigger ended without an event; re-run the papertrail_authorize DAG"
+            )
         return self._finish(Outcome(**event))
 
     # -- helpers ---------------------------------------------------------------------------
@@ -119,7 +121,8 @@ class PapertrailAuthorizationSensor(BaseSensorOperator):
         if pending is not None and pending.conn_id != self.papertrail_conn_id:
             raise AirflowFailException(
                 f"authorization {self.authorization_id[:12]} belongs to connection {pending.conn_id!r}, "
-                f"not {self.papertrail_conn_id!r}"
+                f"not {self.papertrail_conn_id!r}: give PapertrailAuthorizeOperator and PapertrailAuthorizationSensor "
+                "the same papertrail_conn_id"
             )
         outcome = examine(pending, conn_id=self.papertrail_conn_id, now=time.time())
         if outcome is not None:
