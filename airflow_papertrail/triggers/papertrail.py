@@ -3,11 +3,12 @@
 Doing the exchange here (not after the task resumes on a worker) keeps callback-to-stored
 latency at the poll interval plus one token request, instead of a scheduler round trip
 (~10 s measured). Everything that blocks (Variable and Connection reads and writes through
-the Task SDK, and the token request) runs through :func:`_blocking`, so the triggerer's event
-loop never waits on the network or the supervisor. That is also what makes the trigger work on
-every supported Airflow: 3.2.0 and 3.2.1 refuse sync SDK calls made on the event loop's own
-thread (``async_to_sync`` raises there); 3.2.2+ accept them through a greenback portal, which
-``AIRFLOW_DISABLE_GREENBACK_PORTAL`` turns off. From a ``sync_to_async`` thread all of them work.
+the Task SDK, and the token request) runs on a worker thread through :func:`_blocking`, so the
+triggerer's event loop never waits on the network or the supervisor, whatever the Airflow
+version does with sync SDK calls made on the loop's own thread (3.2.0/3.2.1 send them with
+``async_to_sync``, which refuses to run there; 3.2.2+ use a greenback portal that
+``AIRFLOW_DISABLE_GREENBACK_PORTAL`` turns off). Tested with a real triggerer on 3.2.0, 3.2.2
+and 3.3.2.
 """
 
 from __future__ import annotations
@@ -40,8 +41,8 @@ async def _blocking(func: Callable[..., T], *args: Any, **kwargs: Any) -> T:
     """Run blocking work (Task SDK calls, HTTP) off the event loop, on a worker thread.
 
     ``asgiref``'s ``sync_to_async`` (not ``asyncio.to_thread``) because the Task SDK in Airflow
-    3.2.0/3.2.1's triggerer talks to its supervisor with ``async_to_sync``, which only finds the
-    triggerer's loop from a ``sync_to_async`` thread. ``thread_sensitive=False``: concurrent
+    3.2.0/3.2.1's triggerer talks to its supervisor with ``async_to_sync``, which finds the
+    triggerer's loop only from a ``sync_to_async`` thread. ``thread_sensitive=False``: concurrent
     triggers must not queue behind one shared thread.
     """
     from asgiref.sync import sync_to_async
