@@ -52,3 +52,14 @@ def test_providers_manager_discovers_us():
     assert "airflow-provider-papertrail" in ProvidersManager().providers
     hook = ProvidersManagerTaskRuntime().hooks["papertrail"]
     assert hook.hook_class_name == "airflow_papertrail.hooks.papertrail.PapertrailHook"
+
+
+def test_connection_fields_page_documents_every_field():
+    """docs/connection-fields.md has a row for every field of the form, with the form's label."""
+    page = (Path(__file__).resolve().parents[2] / "docs" / "connection-fields.md").read_text()
+    rows = {line.split("|")[1].strip(): line for line in page.splitlines() if line.startswith("| ")}
+    conn_fields = get_provider_info()["connection-types"][0]["conn-fields"]
+    assert set(conn_fields) == set(EXTRA_FIELDS)
+    for key, field in conn_fields.items():
+        assert field["label"] in rows, f"docs/connection-fields.md has no row labelled {field['label']!r}"
+        assert f"extra `{key}`" in rows[field["label"]], f"row {field['label']!r} does not name extra {key!r}"
