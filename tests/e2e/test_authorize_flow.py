@@ -7,11 +7,13 @@ from __future__ import annotations
 
 import json
 import time
+from urllib.parse import parse_qs, urlsplit
 
 import pytest
 import requests
 from cryptography.fernet import Fernet
 
+from airflow_papertrail.authorization import PENDING_KIND, authorization_id_for, pending_variable_key
 from airflow_papertrail.oauth.envelope import TokenCipher
 from airflow_papertrail.testing.emulator import EmulatorClient, PapertrailEmulator
 from tests.conftest import remember_secrets
@@ -70,10 +72,22 @@ def _grant(stack) -> dict | None:
     return TokenCipher([KEY]).open("grant", CONN_ID, raw)
 
 
+def _authorization_id(url: str) -> str:
+    """Id of the pending authorization (names its Variable), from the state in the consent URL."""
+    return authorization_id_for(parse_qs(urlsplit(url).query)["state"][0])
+
+
 def _start(stack) -> tuple[str, str]:
     run_id = stack.trigger(DAG_ID, conf={"conn_id": CONN_ID})
     stack.wait_for_task_state(DAG_ID, run_id, "authorize", {"success"}, timeout=120)
     url = stack.xcom(DAG_ID, run_id, "authorize")["consent_url"]
+    # The PKCE verifier the authorize task created: the log canary must look for it too.
+    authorization_id = _authorization_id(url)
+    raw = stack.variable(pending_variable_key(authorization_id))
+    assert raw is not None, f"no pending authorization {authorization_id}"
+    pending = TokenCipher([KEY]).open(PENDING_KIND, authorization_id, raw)
+    assert pending["code_verifier"]
+    remember_secrets(pending["code_verifier"])
     stack.wait_for_task_state(DAG_ID, run_id, "wait_for_consent", {"deferred"}, timeout=120)
     return run_id, url
 

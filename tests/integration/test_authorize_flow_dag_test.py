@@ -18,10 +18,11 @@ import requests
 from cryptography.fernet import Fernet
 from fastapi.testclient import TestClient
 
+from airflow_papertrail.authorization import AuthorizationStore, authorization_id_for, pending_variable_key
 from airflow_papertrail.oauth.envelope import TokenCipher
 from airflow_papertrail.plugins.callback_app import create_app
 from airflow_papertrail.token_store import OrmVariables, VariableTokenStore
-from tests.conftest import CLIENT_ID, CLIENT_SECRET, REDIRECT_URI, append_captured
+from tests.conftest import CLIENT_ID, CLIENT_SECRET, REDIRECT_URI, append_captured, remember_secrets
 from tests.integration.conftest import REPO, airflow_env
 
 pytestmark = pytest.mark.integration
@@ -56,6 +57,18 @@ def _consent_url(home, dag_id: str, deadline: float, proc, seen_runs: set[str]) 
             return value["consent_url"]
         time.sleep(0.2)  # poll interval of a condition wait with a deadline
     pytest.fail("no consent URL within the deadline")
+
+
+def _remember_verifier(url: str, key: str) -> str:
+    """Read back the pending authorization the authorize task stored (the state in the consent URL
+    names it), give its PKCE verifier to the log canary, and return the Variable's name."""
+    state = parse_qs(urlsplit(url).query)["state"][0]
+    authorization_id = authorization_id_for(state)
+    pending = AuthorizationStore(cipher=TokenCipher([key]), backend=OrmVariables()).load(authorization_id)
+    assert pending is not None and pending.state == state
+    assert pending.code_verifier  # PKCE is on by default
+    remember_secrets(pending.code_verifier)
+    return pending_variable_key(authorization_id)
 
 
 def _consent(emulator, url: str, decision: str) -> str:
@@ -101,6 +114,7 @@ def _run(emulator, monkeypatch, dag_file, dag_id, decision, key):
     )
     try:
         url = _consent_url(home, dag_id, time.monotonic() + 120, proc, seen_runs)
+        pending_key = _remember_verifier(url, key)
         redirect = _consent(emulator, url, decision)
         assert redirect.startswith(REDIRECT_URI)
         callback = TestClient(create_app())  # the real plugin app: ORM + row lock on this DB
@@ -112,7 +126,7 @@ def _run(emulator, monkeypatch, dag_file, dag_id, decision, key):
         notified = notify_file.read_text() if notify_file.exists() else None
         if dag_id == "papertrail_authorize_poke_it":
             assert notified is not None and notified.startswith(f"Approve: {url} until ")  # the notifier got the link
-        return proc.returncode, out + err, response, replay, time.monotonic() - delivered
+        return proc.returncode, out + err, response, replay, time.monotonic() - delivered, pending_key
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -125,7 +139,7 @@ def _run(emulator, monkeypatch, dag_file, dag_id, decision, key):
 )
 def test_allow_stores_an_encrypted_grant(airflow_db, emulator, monkeypatch, dag_file, dag_id):
     key = Fernet.generate_key().decode()
-    rc, output, response, replay, _ = _run(emulator, monkeypatch, dag_file, dag_id, "allow", key)
+    rc, output, response, replay, _, pending_key = _run(emulator, monkeypatch, dag_file, dag_id, "allow", key)
     append_captured(output)
     assert response.status_code == 200 and "Authorization received" in response.text
     assert replay.status_code in (400, 409)  # the second delivery changes nothing
@@ -139,14 +153,14 @@ def test_allow_stores_an_encrypted_grant(airflow_db, emulator, monkeypatch, dag_
     for secret in emulator.issued_secrets:
         assert secret not in output
     # the pending entry and its captured code are gone
-    with sqlite3.connect(airflow_db / "airflow.db") as db:
-        left = db.execute("select count(*) from variable where key like 'papertrail_auth__%'").fetchone()[0]
-    assert left == 0
+    assert OrmVariables().get(pending_key) is None
 
 
 def test_deny_fails_the_sensor_with_the_reason(airflow_db, emulator, monkeypatch):
     key = Fernet.generate_key().decode()
-    rc, output, response, _, elapsed = _run(emulator, monkeypatch, EXAMPLE, "papertrail_authorize", "deny", key)
+    rc, output, response, _, elapsed, pending_key = _run(
+        emulator, monkeypatch, EXAMPLE, "papertrail_authorize", "deny", key
+    )
     append_captured(output)
     assert response.status_code == 200 and "Access not granted" in response.text
     assert rc != 0

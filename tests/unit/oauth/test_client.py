@@ -88,6 +88,14 @@ def test_pkce_verifier_is_sent(emulator):
     assert client.exchange_code(code, code_verifier=request.code_verifier).access_token
 
 
+def test_authorization_request_hands_the_verifier_to_the_masker(emulator):
+    masked: list[str] = []
+    request = _client(emulator, masked=masked).authorization_request()
+    assert request.code_verifier and request.code_verifier in masked  # masked where it is created
+    assert request.state not in masked  # public: it is in the consent URL that is logged
+    remember_secrets(request.code_verifier)
+
+
 @pytest.mark.parametrize("method", ["client_secret_post", "client_secret_basic"])
 def test_wrong_secret_is_invalid_client(emulator, method):
     client = _client(emulator, client_secret="wrong-secret-value", client_auth_method=method)
