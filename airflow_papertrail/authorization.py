@@ -168,6 +168,13 @@ class AuthorizationStore:
             self._cipher = load_cipher()
         return self._cipher
 
+    def protect(self, *values: str | None) -> None:
+        """Hand sensitive values (a code that just arrived) to the masking callback."""
+        if self._on_secret:
+            for value in values:
+                if value:
+                    self._on_secret(value)
+
     def encode(self, pending: PendingAuthorization) -> str:
         return self.cipher.seal(PENDING_KIND, pending.authorization_id, pending.to_payload())
 
@@ -182,9 +189,7 @@ class AuthorizationStore:
                 f"Variable {pending_variable_key(authorization_id)!r} holds an incomplete authorization; it was "
                 "left untouched. Re-run the papertrail_authorize DAG to start a new authorization."
             ) from None
-        if self._on_secret:
-            for value in pending.secrets:
-                self._on_secret(value)
+        self.protect(*pending.secrets)
         return pending
 
     def save(self, pending: PendingAuthorization) -> None:

@@ -121,6 +121,7 @@ def coordinated_refresh(
 
 def handle_refresh_request(ticket: str, *, entries: EntryAccess) -> tuple[int, dict[str, Any]]:
     """The plugin route's logic: (HTTP status, JSON body). Never raises."""
+    from airflow_papertrail.hooks.papertrail import mask_in_api_server
     from airflow_papertrail.token_store import OrmVariables, VariableTokenStore, load_cipher
 
     try:
@@ -128,12 +129,12 @@ def handle_refresh_request(ticket: str, *, entries: EntryAccess) -> tuple[int, d
         request = open_ticket(cipher, REQUEST_PURPOSE, ticket, ttl=60)
         conn_id = str(request["conn_id"])
         config = _server_config(conn_id)
-        store = VariableTokenStore(conn_id, cipher=cipher, backend=OrmVariables())
+        store = VariableTokenStore(conn_id, cipher=cipher, backend=OrmVariables(), on_secret=mask_in_api_server)
 
         def client() -> OAuthClient:
             from airflow_papertrail.oauth.client import OAuthClient
 
-            return OAuthClient(config)
+            return OAuthClient(config, on_secret=mask_in_api_server)
 
         grant = coordinated_refresh(
             conn_id,
@@ -168,9 +169,10 @@ def handle_refresh_request(ticket: str, *, entries: EntryAccess) -> tuple[int, d
 def _server_config(conn_id: str) -> Any:
     from airflow.models.connection import Connection
 
-    from airflow_papertrail.hooks.papertrail import config_from_connection
+    from airflow_papertrail.hooks.papertrail import config_from_connection, mask_in_api_server
 
     conn = Connection.get_connection_from_secrets(conn_id)
+    mask_in_api_server(conn.password)
     return config_from_connection(conn).validate(need_redirect_uri=False, conn_id=conn_id)
 
 

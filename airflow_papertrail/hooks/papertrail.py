@@ -55,6 +55,24 @@ def mask(value: str | None) -> None:
     mask_secret(value)
 
 
+def mask_in_api_server(value: str | None) -> None:
+    """Register a sensitive value with the maskers of the api-server process.
+
+    Airflow's own api-server code (the access log's query-string redaction, the audit log)
+    redacts with airflow-core's masker, a separate instance from the Task SDK's that
+    :func:`mask` fills; register with both. Airflow 3.3 does not filter the api-server's
+    log output through either masker, so the plugin still never logs a secret itself.
+    """
+    if not value:
+        return
+    mask(value)
+    try:
+        from airflow._shared.secrets_masker import mask_secret as core_mask_secret
+    except ImportError:  # pragma: no cover - an Airflow without the shared core masker
+        return
+    core_mask_secret(value)
+
+
 def _as_bool(name: str, value: Any, default: bool) -> bool:
     if value is None or value == "":
         return default

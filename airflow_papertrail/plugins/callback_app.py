@@ -169,6 +169,9 @@ def handle_callback(
                     else "The authorization server reported an error; Airflow has been told. You can close this tab.",
                     False,
                 )
+            # Masked only now that the state proved the callback genuine: an unauthenticated
+            # caller must not be able to fill the masker with values of its choosing.
+            store.protect(params["code"])
             entry.write(store.encode(pending.with_code(params["code"], now)))
             log.info(
                 "Papertrail-ai authorization %s for connection %r captured its code.",
@@ -211,10 +214,11 @@ def create_app(*, entries: EntryAccess | None = None, store: AuthorizationStore 
 
     def deps() -> tuple[EntryAccess, AuthorizationStore]:
         if "entries" not in state:
+            from airflow_papertrail.hooks.papertrail import mask_in_api_server
             from airflow_papertrail.token_store import OrmVariables
 
             state["entries"] = entries or OrmEntryAccess()
-            state["store"] = store or AuthorizationStore(backend=OrmVariables())
+            state["store"] = store or AuthorizationStore(backend=OrmVariables(), on_secret=mask_in_api_server)
         return state["entries"], state["store"]  # type: ignore[return-value]
 
     @router.get("/callback", response_class=HTMLResponse)
