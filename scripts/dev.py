@@ -181,7 +181,38 @@ def _wait(url: str, deadline: float, procs: list[subprocess.Popen]) -> None:
     raise RuntimeError(f"{url} not ready in time")
 
 
+DEFAULT_SERVICE_URL = "https://www.papertrail-ai.com"
+
+
+def _service_settings(args: argparse.Namespace) -> dict[str, str] | None:
+    """The real service's connection settings (flags, else PAPERTRAIL_* env vars), or None for the emulator."""
+    client_id = args.client_id or os.environ.get("PAPERTRAIL_CLIENT_ID", "")
+    if not client_id:
+        return None
+    secret = os.environ.get("PAPERTRAIL_CLIENT_SECRET", "")
+    if not secret and sys.stdin.isatty():
+        import getpass
+
+        secret = getpass.getpass("Papertrail-ai client secret (input hidden): ")
+    if not secret:
+        sys.exit(
+            "PAPERTRAIL_CLIENT_ID is set but the client secret is missing: export PAPERTRAIL_CLIENT_SECRET "
+            "(there is no flag for it, so it never shows in the process list)."
+        )
+    return {
+        "client_id": client_id,
+        "client_secret": secret,
+        "url": (args.papertrail_url or os.environ.get("PAPERTRAIL_BASE_URL") or DEFAULT_SERVICE_URL).rstrip("/"),
+        "redirect_uri": args.redirect_uri or os.environ.get("PAPERTRAIL_REDIRECT_URI", ""),
+    }
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
+    service = _service_settings(args)
+    system = args.system or os.environ.get("PAPERTRAIL_SYSTEM") or "xero"
+    scope = (
+        args.scope if args.scope is not None else os.environ.get("PAPERTRAIL_SCOPE", "accounting.read accounting.write")
+    )
     env = bootstrap()
     home = ROOT / ".demo" / "airflow-home"
     # A throw-away Airflow: runs left by an earlier demo (e.g. stopped mid-run) would queue
@@ -195,8 +226,14 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
         key_file.write_text(urlsafe_b64encode(secrets.token_bytes(32)).decode())
         key_file.chmod(0o600)
-    port = _free_port(args.port)
-    emulator_port = _free_port(args.emulator_port)
+    if service is None:
+        port = _free_port(args.port)
+    else:
+        # the registered redirect URI names this port: moving to another one would break consent
+        port = args.port
+        if _free_port(port) != port:
+            sys.exit(f"port {port} is taken; the redirect URI registered with Papertrail-ai needs it (or pass --port)")
+    emulator_port = _free_port(args.emulator_port) if service is None else 0
     base = f"http://127.0.0.1:{port}"
     env.update(
         AIRFLOW_HOME=str(home),
@@ -209,8 +246,15 @@ def cmd_demo(args: argparse.Namespace) -> int:
         AIRFLOW__CORE__TEST_CONNECTION="Enabled",
         AIRFLOW__PAPERTRAIL__TOKEN_ENCRYPTION_KEYS=key_file.read_text().strip(),
     )
-    client_secret = "demo-" + secrets.token_urlsafe(24)
-    redirect_uri = f"{base}/papertrail/callback"
+    if service is None:
+        client_id, client_secret = "demo-client", "demo-" + secrets.token_urlsafe(24)
+        service_url = f"http://127.0.0.1:{emulator_port}"
+        redirect_uri = f"{base}/papertrail/callback"
+    else:
+        client_id, client_secret, service_url = service["client_id"], service["client_secret"], service["url"]
+        redirect_uri = service["redirect_uri"] or f"{base}/papertrail/callback"
+        if not redirect_uri.endswith("/papertrail/callback"):
+            say(f"note: {redirect_uri} must lead to {base}/papertrail/callback (a proxy), or consent cannot finish")
     procs: list[subprocess.Popen] = []
     logs = ROOT / ".demo"
 
@@ -238,36 +282,39 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     signal.signal(signal.SIGTERM, lambda *_: (stop(), sys.exit(0)))
     try:
-        say(f"starting the Papertrail-ai emulator on 127.0.0.1:{emulator_port}")
-        emu_env = dict(env, PAPERTRAIL_EMULATOR_CLIENT_SECRET=client_secret)
-        procs.append(
-            subprocess.Popen(
-                [
-                    str(VENV / BIN / "papertrail-emulator"),
-                    "--host",
-                    "127.0.0.1",
-                    "--port",
-                    str(emulator_port),
-                    "--client-id",
-                    "demo-client",
-                    "--redirect-uri",
-                    redirect_uri,
-                ],
-                cwd=ROOT,
-                env=emu_env,
-                stdout=(logs / "emulator.log").open("w"),
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
+        if service is None:
+            say(f"starting the Papertrail-ai emulator on 127.0.0.1:{emulator_port}")
+            emu_env = dict(env, PAPERTRAIL_EMULATOR_CLIENT_SECRET=client_secret)
+            procs.append(
+                subprocess.Popen(
+                    [
+                        str(VENV / BIN / "papertrail-emulator"),
+                        "--host",
+                        "127.0.0.1",
+                        "--port",
+                        str(emulator_port),
+                        "--client-id",
+                        client_id,
+                        "--redirect-uri",
+                        redirect_uri,
+                    ],
+                    cwd=ROOT,
+                    env=emu_env,
+                    stdout=(logs / "emulator.log").open("w"),
+                    stderr=subprocess.STDOUT,
+                    start_new_session=True,
+                )
             )
-        )
+        else:
+            say(f"using Papertrail-ai at {service_url} as client {client_id!r} (no emulator)")
         say("migrating the Airflow metadata DB (SQLite)")
         subprocess.run(["airflow", "db", "migrate"], cwd=ROOT, env=env, check=True, stdout=subprocess.DEVNULL)
         conn = {
             "conn_type": "papertrail",
-            "login": "demo-client",
+            "login": client_id,
             "password": client_secret,
-            "host": f"http://127.0.0.1:{emulator_port}",
-            "extra": {"redirect_uri": redirect_uri, "system": "xero", "scope": "accounting.read accounting.write"},
+            "host": service_url,
+            "extra": {"redirect_uri": redirect_uri, "system": system, "scope": scope},
         }
         subprocess.run(
             ["airflow", "connections", "delete", "papertrail_default"],
@@ -295,7 +342,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
             )
         )
         _wait(f"{base}/api/v2/monitor/health", time.monotonic() + args.timeout, procs)
-        _wait(f"http://127.0.0.1:{emulator_port}/healthz", time.monotonic() + 30, procs)
+        if service is None:
+            _wait(f"{service_url}/healthz", time.monotonic() + 30, procs)
         password = "(see .demo/airflow-home/simple_auth_manager_passwords.json.generated)"
         pw_file = home / "simple_auth_manager_passwords.json.generated"
         for _ in range(60):
@@ -306,7 +354,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
         print()
         print(f"  Airflow UI:    {base}  (login: admin / {password})")
         print("  Connection:    papertrail_default (Admin > Connections, type 'Papertrail-ai')")
-        print(f"  Emulator:      http://127.0.0.1:{emulator_port}  (stands in for Papertrail-ai)")
+        if service is None:
+            print(f"  Emulator:      {service_url}  (stands in for Papertrail-ai)")
+        else:
+            print(f"  Papertrail-ai: {service_url}  (client {client_id!r}, redirect URI {redirect_uri})")
         print()
         if not args.no_flow:
             flow = [
@@ -319,7 +370,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
                 "--output",
                 str(ROOT / ".demo" / "output"),
             ]
-            if args.manual_consent:
+            # A real service asks the person to sign in: consent is theirs unless --auto-consent
+            # (only for a consent page without a login, like an emulator run elsewhere).
+            if args.manual_consent or (service is not None and not args.auto_consent):
                 flow.append("--manual")
             if subprocess.run(flow, cwd=ROOT, env=env).returncode != 0:
                 say(
@@ -365,6 +418,25 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("--exit-when-ready", action="store_true", help="stop everything once the demo ran (for CI)")
     demo.add_argument("--manual-consent", action="store_true", help="print the consent link for you to click")
     demo.add_argument("--no-flow", action="store_true", help="only start Airflow and the emulator")
+    real = demo.add_argument_group(
+        "the real Papertrail-ai instead of the emulator",
+        "Given a client ID (flag or PAPERTRAIL_CLIENT_ID), the demo uses the real service: the client secret comes "
+        "from PAPERTRAIL_CLIENT_SECRET (or a hidden prompt), consent is yours (--manual-consent is implied), and "
+        "the redirect URI registered with Papertrail-ai must reach this Airflow's /papertrail/callback.",
+    )
+    real.add_argument("--client-id", help="client ID of your Papertrail-ai app (env PAPERTRAIL_CLIENT_ID)")
+    real.add_argument(
+        "--papertrail-url", help=f"service base URL (env PAPERTRAIL_BASE_URL, default {DEFAULT_SERVICE_URL})"
+    )
+    real.add_argument(
+        "--redirect-uri",
+        help="the registered redirect URI (env PAPERTRAIL_REDIRECT_URI, default http://127.0.0.1:<port>/papertrail/callback)",
+    )
+    real.add_argument("--system", help="accounting system, e.g. xero (env PAPERTRAIL_SYSTEM, default xero)")
+    real.add_argument(
+        "--scope", help="scope asked at consent (env PAPERTRAIL_SCOPE, default 'accounting.read accounting.write')"
+    )
+    real.add_argument("--auto-consent", action="store_true", help="let headless Chromium click Allow anyway")
     demo.set_defaults(func=cmd_demo)
     args = parser.parse_args(argv)
     return args.func(args)

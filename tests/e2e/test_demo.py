@@ -1,6 +1,7 @@
 """The README's main command, non-interactively: `python3 scripts/dev.py demo --exit-when-ready`
 starts a throw-away Airflow and the emulator, authorizes through headless Chromium, runs
-papertrail_extract, prints the summary and stops everything it started."""
+papertrail_extract, prints the summary and stops everything it started. Pointed at a service
+through PAPERTRAIL_* settings alone, it uses that service and starts no emulator."""
 
 from __future__ import annotations
 
@@ -9,24 +10,33 @@ import re
 import subprocess
 import sys
 
-from tests.conftest import append_captured
-from tests.e2e.harness import REPO
+from airflow_papertrail.testing.emulator import EmulatorClient, PapertrailEmulator
+from tests.conftest import append_captured, remember_secrets
+from tests.e2e.harness import REPO, free_port
 
 
-def test_demo_runs_end_to_end_and_cleans_up():
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("AIRFLOW", "_AIRFLOW", "PYTEST_"))}
+def _clean_env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("AIRFLOW", "_AIRFLOW", "PYTEST_", "PAPERTRAIL_"))}
+    env.update(extra)
+    return env
+
+
+def _demo(*args: str, env: dict[str, str], timeout: float = 900) -> tuple[int, str]:
     proc = subprocess.run(
-        [sys.executable, str(REPO / "scripts" / "dev.py"), "demo", "--exit-when-ready"],
+        [sys.executable, str(REPO / "scripts" / "dev.py"), "demo", *args],
         cwd=REPO,
         env=env,
+        stdin=subprocess.DEVNULL,
         capture_output=True,
         text=True,
-        timeout=900,
+        timeout=timeout,
     )
     out = proc.stdout + proc.stderr
     append_captured(out)
-    assert proc.returncode == 0, out[-4000:]
-    assert "headless Chromium clicked Allow" in out
+    return proc.returncode, out
+
+
+def _assert_summary(out: str) -> None:
     assert re.search(r"grant: +connection 'papertrail_default', generation 1, access token valid until ", out)
     assert re.search(r"extract: +success", out)
     lines = re.findall(r"^ +(\w+__\w+) +(\d+) records +(\S+\.jsonl)$", out, flags=re.M)
@@ -34,7 +44,10 @@ def test_demo_runs_end_to_end_and_cleans_up():
     for task_id, records, path in lines:
         with open(path) as fh:
             assert sum(1 for _ in fh) == int(records) > 0, task_id
-    # nothing left running from the demo's AIRFLOW_HOME
+
+
+def _assert_nothing_left_running() -> None:
+    """Nothing runs with the demo's AIRFLOW_HOME any more."""
     demo_home = str(REPO / ".demo" / "airflow-home")
     leftovers = []
     for pid in os.listdir("/proc"):
@@ -46,3 +59,47 @@ def test_demo_runs_end_to_end_and_cleans_up():
             except OSError:
                 continue
     assert not leftovers, f"demo processes left running: {leftovers}"
+
+
+def test_demo_runs_end_to_end_and_cleans_up():
+    rc, out = _demo("--exit-when-ready", env=_clean_env())
+    assert rc == 0, out[-4000:]
+    assert "headless Chromium clicked Allow" in out
+    _assert_summary(out)
+    _assert_nothing_left_running()
+
+
+def test_demo_uses_the_service_named_by_the_environment():
+    """PAPERTRAIL_CLIENT_ID/SECRET/BASE_URL alone switch the demo to "the real service": here an
+    emulator this test runs itself, standing in for Papertrail-ai. The demo starts no emulator of
+    its own, its connection carries exactly these settings, and the whole flow goes through."""
+    port = free_port()
+    client_id, secret = "registered-app", "registered-secret-" + "x" * 16
+    remember_secrets(secret)
+    service = PapertrailEmulator(
+        clients=[EmulatorClient(client_id, secret, [f"http://127.0.0.1:{port}/papertrail/callback"])]
+    ).start()
+    try:
+        env = _clean_env(
+            PAPERTRAIL_CLIENT_ID=client_id, PAPERTRAIL_CLIENT_SECRET=secret, PAPERTRAIL_BASE_URL=service.base_url
+        )
+        rc, out = _demo("--exit-when-ready", "--port", str(port), "--auto-consent", env=env)
+        assert rc == 0, out[-4000:]
+        assert f"using Papertrail-ai at {service.base_url} as client 'registered-app' (no emulator)" in out
+        assert "starting the Papertrail-ai emulator" not in out
+        _assert_summary(out)
+        stats = service.stats.snapshot()
+        assert stats["consents_allowed"] == 1 and stats["authorization_code_grants"] == 1
+        assert stats["api_requests"] >= 12 and stats["invalid_client_errors"] == 0
+        _assert_nothing_left_running()
+    finally:
+        service.stop()
+        remember_secrets(*service.issued_secrets)
+    assert secret not in out
+
+
+def test_demo_without_the_client_secret_says_what_to_set():
+    rc, out = _demo("--exit-when-ready", env=_clean_env(PAPERTRAIL_CLIENT_ID="registered-app"), timeout=60)
+    assert rc != 0
+    assert "export PAPERTRAIL_CLIENT_SECRET" in out
+    assert "starting Airflow" not in out  # refused before anything was started
