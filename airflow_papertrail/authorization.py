@@ -325,7 +325,9 @@ def redeem(
     assert pending.code is not None
     authorizations.delete(pending.authorization_id)
     try:
-        token = client.exchange_code(pending.code, code_verifier=pending.code_verifier)
+        token = client.exchange_code(
+            pending.code, code_verifier=pending.code_verifier, redirect_uri=pending.redirect_uri
+        )
     except (OAuthError, TransientOAuthError) as exc:
         return failure_outcome(pending.conn_id, exc)
     return store_grant(pending.conn_id, token, grants)

@@ -120,20 +120,32 @@ class OAuthClient:
         return request
 
     # -- token endpoint ------------------------------------------------------------------
-    def exchange_code(self, code: str, *, code_verifier: str | None = None) -> Token:
-        """Redeem an authorization code once (RFC 6749 4.1.3)."""
+    def exchange_code(self, code: str, *, code_verifier: str | None = None, redirect_uri: str | None = None) -> Token:
+        """Redeem an authorization code once (RFC 6749 4.1.3).
+
+        :param redirect_uri: the ``redirect_uri`` of the authorization request that produced
+            ``code`` (RFC 6749 4.1.3 requires the identical value). Pass the one saved with the
+            pending authorization, so that editing the connection in between changes nothing;
+            defaults to the configuration's.
+        """
         self.protect(code, code_verifier)
-        token = self.exchange_code_unmasked(code, code_verifier=code_verifier)
+        token = self.exchange_code_unmasked(code, code_verifier=code_verifier, redirect_uri=redirect_uri)
         self.protect(*token.secrets)
         return token
 
-    def exchange_code_unmasked(self, code: str, *, code_verifier: str | None = None) -> Token:
+    def exchange_code_unmasked(
+        self, code: str, *, code_verifier: str | None = None, redirect_uri: str | None = None
+    ) -> Token:
         """:meth:`exchange_code` without calling ``on_secret``, for threads that must not touch the
         masker's channel (the triggerer); the caller masks ``code``, verifier and tokens itself."""
-        form = {"grant_type": "authorization_code", "code": code, "redirect_uri": self.config.redirect_uri or ""}
+        form = {
+            "grant_type": "authorization_code",
+            "code": code,
+            "redirect_uri": redirect_uri or self.config.redirect_uri or "",
+        }
         if code_verifier:
             form["code_verifier"] = code_verifier
-        self.config.validate(need_redirect_uri=True)
+        self.config.validate(need_redirect_uri=not redirect_uri)
         status, payload = self._post(form, "exchange", self.retry_policy.for_code_exchange())
         return Token.from_response(payload, now=self.clock(), requested_scope=self.config.scope, status=status)
 

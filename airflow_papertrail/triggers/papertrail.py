@@ -127,7 +127,10 @@ class PapertrailAuthorizationTrigger(BaseTrigger):
             await _blocking(authorizations.delete, pending.authorization_id)  # single use, before anything else
             try:
                 token = await _blocking(
-                    client.exchange_code_unmasked, pending.code, code_verifier=pending.code_verifier
+                    client.exchange_code_unmasked,
+                    pending.code,
+                    code_verifier=pending.code_verifier,
+                    redirect_uri=pending.redirect_uri,  # the one the consent used, whatever the connection says now
                 )
             except (OAuthError, TransientOAuthError) as exc:
                 return failure_outcome(conn_id, exc)

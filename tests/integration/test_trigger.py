@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import time
 from dataclasses import replace
 
@@ -142,6 +143,35 @@ def test_refused_code_is_a_final_failure(flow):
     event = _run(PapertrailAuthorizationTrigger("pt_trigger", pending.authorization_id, deadline=time.time() + 30))
     assert event["status"] == "failed" and "refused" in event["message"]
     assert store.load(pending.authorization_id) is None  # never tried twice
+
+
+@pytest.mark.parametrize("waiter", ["trigger", "poke"])
+def test_exchange_uses_the_redirect_uri_saved_at_authorize_time(flow, monkeypatch, waiter):
+    from airflow_papertrail.operators.papertrail import PapertrailAuthorizeOperator
+    from airflow_papertrail.sensors.papertrail import PapertrailAuthorizationSensor
+
+    emulator, store, _ = flow
+    issued = PapertrailAuthorizeOperator(task_id="authorize", papertrail_conn_id="pt_trigger").execute({})
+    pending = store.load(issued["authorization_id"])
+    assert pending.redirect_uri == REDIRECT_URI
+    code = _code(emulator, pending)  # consent given for REDIRECT_URI
+    # Someone edits the connection's redirect_uri after the authorize task ran.
+    conn = json.loads(os.environ["AIRFLOW_CONN_PT_TRIGGER"])
+    conn["extra"]["redirect_uri"] = "https://airflow.example.com/papertrail/callback"
+    monkeypatch.setenv("AIRFLOW_CONN_PT_TRIGGER", json.dumps(conn))
+    assert PapertrailHook("pt_trigger").config.redirect_uri != REDIRECT_URI
+    store.save(pending.with_code(code, time.time()))
+    if waiter == "trigger":
+        event = _run(PapertrailAuthorizationTrigger("pt_trigger", pending.authorization_id, deadline=time.time() + 30))
+    else:
+        sensor = PapertrailAuthorizationSensor(
+            task_id="wait", authorization_id=pending.authorization_id, papertrail_conn_id="pt_trigger", deferrable=False
+        )
+        assert sensor.poke({}) is True
+        event = sensor._result
+    # the emulator refuses a token request whose redirect_uri differs from the authorization request's
+    assert event["status"] == "success", event["message"]
+    assert emulator.stats["authorization_code_grants"] == 1
 
 
 def test_resumption_waits_for_not_before_but_the_grant_is_stored_at_once(flow):

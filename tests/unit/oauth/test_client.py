@@ -88,6 +88,15 @@ def test_pkce_verifier_is_sent(emulator):
     assert client.exchange_code(code, code_verifier=request.code_verifier).access_token
 
 
+def test_exchange_sends_the_redirect_uri_of_the_authorization_request(emulator):
+    # The connection now names another redirect URI than the one the code was issued for.
+    client = _client(emulator, redirect_uri="https://airflow.example.com/papertrail/callback")
+    assert client.exchange_code(_code(emulator), redirect_uri=REDIRECT_URI).access_token
+    assert client.exchange_code_unmasked(_code(emulator), redirect_uri=REDIRECT_URI).access_token
+    with pytest.raises(InvalidGrantError, match="redirect_uri differs"):  # the emulator compares exactly
+        client.exchange_code(_code(emulator))
+
+
 def test_authorization_request_hands_the_verifier_to_the_masker(emulator):
     masked: list[str] = []
     request = _client(emulator, masked=masked).authorization_request()
