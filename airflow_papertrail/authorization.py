@@ -253,12 +253,25 @@ def summarize_grant(conn_id: str, grant: StoredGrant) -> Outcome:
 
 
 def examine(pending: PendingAuthorization | None, *, conn_id: str, now: float) -> Outcome | None:
-    """Decide from a pending entry alone whether the wait is over (None: redeem the code / keep waiting)."""
+    """Decide from a pending entry alone whether the wait is over (None: redeem the code / keep waiting).
+
+    ``conn_id`` is the connection the waiter (sensor or trigger) is for: an entry issued for
+    another connection is a final failure, and its code is never redeemed with this
+    connection's client.
+    """
     if pending is None:
         return Outcome(
             "failed",
             f"the pending Papertrail-ai authorization for connection {conn_id!r} no longer exists (already "
             "redeemed, or deleted). Re-run the papertrail_authorize DAG.",
+            conn_id,
+        )
+    if pending.conn_id != conn_id:
+        return Outcome(
+            "failed",
+            f"authorization {pending.authorization_id[:12]} belongs to connection {pending.conn_id!r}, "
+            f"not {conn_id!r}: give PapertrailAuthorizeOperator and PapertrailAuthorizationSensor "
+            "the same papertrail_conn_id",
             conn_id,
         )
     if pending.status == ERROR:

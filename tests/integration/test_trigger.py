@@ -174,6 +174,40 @@ def test_exchange_uses_the_redirect_uri_saved_at_authorize_time(flow, monkeypatc
     assert emulator.stats["authorization_code_grants"] == 1
 
 
+@pytest.mark.parametrize("waiter", ["trigger", "poke", "first look"])
+def test_entry_of_another_connection_is_never_redeemed(flow, waiter):
+    from airflow.sdk.exceptions import AirflowFailException
+
+    from airflow_papertrail.sensors.papertrail import PapertrailAuthorizationSensor
+
+    emulator, store, new_pending = flow
+    pending = new_pending(conn_id="pt_other")
+    store.save(pending.with_code(_code(emulator, pending), time.time()))
+    try:
+        if waiter == "trigger":
+            event = _run(
+                PapertrailAuthorizationTrigger("pt_trigger", pending.authorization_id, deadline=time.time() + 30)
+            )
+            assert event["status"] == "failed"
+            message = event["message"]
+        else:
+            sensor = PapertrailAuthorizationSensor(
+                task_id="wait",
+                authorization_id=pending.authorization_id,
+                papertrail_conn_id="pt_trigger",
+                deferrable=waiter == "first look",
+            )
+            with pytest.raises(AirflowFailException) as err:
+                sensor.execute({}) if sensor.deferrable else sensor.poke({})
+            message = str(err.value)
+        assert "belongs to connection 'pt_other', not 'pt_trigger'" in message
+        assert emulator.stats["token_requests"] == 0  # never redeemed with pt_trigger's client
+        left = store.load(pending.authorization_id)
+        assert left is not None and left.code  # the other connection's entry is left as it was
+    finally:
+        store.delete(pending.authorization_id)
+
+
 def test_resumption_waits_for_not_before_but_the_grant_is_stored_at_once(flow):
     from airflow_papertrail.token_store import VariableTokenStore
 
