@@ -8,8 +8,10 @@ redirect URI, expiry, the run that asked, and once the browser came back, the ca
 code (or the OAuth error).
 
 Life cycle: ``pending`` -> ``captured`` | ``error`` (callback) -> redeemed by the sensor
-(which stores the grant and deletes the entry). Only a ``pending`` entry accepts a
-callback, so a replayed callback changes nothing.
+or trigger (which deletes the entry, then stores the grant). A wait that ends otherwise
+(denied, OAuth error, expired, timed out) deletes the entry too, if it was issued for the
+waiter's connection. Only a ``pending`` entry accepts a callback, so a replayed callback
+changes nothing.
 """
 
 from __future__ import annotations
@@ -199,7 +201,7 @@ class AuthorizationStore:
             key,
             envelope,
             f"Pending Papertrail-ai authorization for connection {pending.conn_id!r} "
-            "(managed by airflow-provider-papertrail; deleted when redeemed).",
+            "(managed by airflow-provider-papertrail; deleted when redeemed or when the wait ends).",
         )
         if self.backend.get(key) != envelope:
             raise PapertrailError(
@@ -298,6 +300,29 @@ def examine(pending: PendingAuthorization | None, *, conn_id: str, now: float) -
             conn_id,
         )
     return Outcome("waiting", "waiting for consent", conn_id)
+
+
+def discard(pending: PendingAuthorization | None, *, conn_id: str, authorizations: AuthorizationStore) -> None:
+    """Delete the pending entry of a wait that ended without redeeming a code.
+
+    Called when the sensor or trigger reaches a final outcome (denied, OAuth error, expired,
+    timed out): nobody will redeem the entry any more, and a late click on the consent link
+    then finds nothing. Only an entry issued for ``conn_id`` is deleted: another
+    connection's entry is never touched. A failed delete is logged, not raised, so the
+    outcome's own reason still reaches the task.
+    """
+    if pending is None or pending.conn_id != conn_id:
+        return
+    try:
+        authorizations.delete(pending.authorization_id)
+    except Exception as exc:
+        log.warning(
+            "Could not delete the pending Papertrail-ai authorization %s of connection %r (%s); it stays unusable "
+            "after its expiry and may be deleted by hand.",
+            pending.authorization_id[:12],
+            conn_id,
+            type(exc).__name__,
+        )
 
 
 def failure_outcome(conn_id: str, exc: Exception) -> Outcome:

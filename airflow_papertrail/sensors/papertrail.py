@@ -7,9 +7,9 @@ from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
 from airflow.sdk import BaseSensorOperator
-from airflow.sdk.exceptions import AirflowFailException
+from airflow.sdk.exceptions import AirflowFailException, AirflowSensorTimeout
 
-from airflow_papertrail.authorization import AuthorizationStore, Outcome, examine, redeem
+from airflow_papertrail.authorization import AuthorizationStore, Outcome, discard, examine, redeem
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
@@ -71,7 +71,11 @@ class PapertrailAuthorizationSensor(BaseSensorOperator):
 
     def execute(self, context: Context) -> Any:
         if not self.deferrable:
-            return super().execute(context)
+            try:
+                return super().execute(context)
+            except AirflowSensorTimeout:
+                self._discard_after_timeout()
+                raise
         outcome = self._check_once()
         if outcome.status != "waiting":
             return self._finish(outcome)
@@ -121,10 +125,24 @@ class PapertrailAuthorizationSensor(BaseSensorOperator):
         # examine() also refuses an entry of another connection (the trigger relies on the same check).
         outcome = examine(pending, conn_id=self.papertrail_conn_id, now=time.time())
         if outcome is not None:
+            if outcome.status != "waiting":
+                discard(pending, conn_id=self.papertrail_conn_id, authorizations=authorizations)
             return outcome
         assert pending is not None
         hook = PapertrailHook(self.papertrail_conn_id)
         return redeem(pending, client=hook.oauth_client, authorizations=authorizations, grants=hook.token_store)
+
+    def _discard_after_timeout(self) -> None:
+        """Poke/reschedule mode ran out of time: the entry will never be redeemed, delete it."""
+        from airflow_papertrail.hooks.papertrail import mask
+
+        try:
+            authorizations = AuthorizationStore(on_secret=mask)
+            pending = authorizations.load(self.authorization_id)
+        except Exception as exc:  # the timeout is what the task reports
+            self.log.warning("Could not read the pending authorization to delete it: %s", type(exc).__name__)
+            return
+        discard(pending, conn_id=self.papertrail_conn_id, authorizations=authorizations)
 
     def _finish(self, outcome: Outcome) -> dict[str, Any]:
         if outcome.status == "success":

@@ -23,6 +23,7 @@ from airflow.triggers.base import BaseTrigger, TriggerEvent
 from airflow_papertrail.authorization import (
     AuthorizationStore,
     Outcome,
+    discard,
     examine,
     failure_outcome,
     store_grant,
@@ -113,8 +114,11 @@ class PapertrailAuthorizationTrigger(BaseTrigger):
                     assert pending.code is not None
                     break
                 if outcome.status != "waiting":
+                    # denied, OAuth error, expired, missing or another connection's (discard() skips those two)
+                    await _blocking(discard, pending, conn_id=conn_id, authorizations=authorizations)
                     return outcome
                 if time.time() >= self.deadline:
+                    await _blocking(discard, pending, conn_id=conn_id, authorizations=authorizations)
                     return Outcome(
                         "timeout",
                         f"no answer to the Papertrail-ai authorization of {conn_id!r} before the sensor's timeout; re-run the papertrail_authorize DAG.",

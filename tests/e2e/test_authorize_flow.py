@@ -162,6 +162,7 @@ def test_deny_fails_fast_with_the_reason(stack, emulator, browser, tmp_path):
     log = stack.task_log(DAG_ID, run_id, "wait_for_consent")
     assert "access was denied" in log
     assert _grant(stack) == before  # the existing grant is untouched
+    assert stack.variable(pending_variable_key(_authorization_id(url))) is None  # the denied entry is deleted
 
 
 def test_callback_refuses_forged_state_on_the_real_api_server(stack):

@@ -166,3 +166,4 @@ def test_deny_fails_the_sensor_with_the_reason(airflow_db, emulator, monkeypatch
     assert rc != 0
     assert "access was denied" in output
     assert emulator.stats["authorization_code_grants"] == 0
+    assert OrmVariables().get(pending_key) is None  # the denied authorization's entry is deleted

@@ -11,7 +11,7 @@ from dataclasses import replace
 
 import pytest
 
-from airflow_papertrail.authorization import AuthorizationStore, PendingAuthorization
+from airflow_papertrail.authorization import AuthorizationStore, PendingAuthorization, pending_variable_key
 from airflow_papertrail.hooks.papertrail import PapertrailHook
 from airflow_papertrail.oauth import code_challenge_s256
 from airflow_papertrail.token_store import OrmVariables
@@ -115,12 +115,61 @@ def test_code_arriving_while_waiting(flow):
     ],
 )
 def test_final_outcomes_without_exchange(flow, changes, status, fragment):
-    emulator, _, new_pending = flow
+    emulator, store, new_pending = flow
     pending = new_pending(**changes)
     event = _run(PapertrailAuthorizationTrigger("pt_trigger", pending.authorization_id, deadline=time.time() + 30))
     assert event["status"] == status
     assert fragment in event["message"] and "papertrail_authorize" in event["message"]
     assert emulator.stats["token_requests"] == 0
+    assert OrmVariables().get(pending_variable_key(pending.authorization_id)) is None  # no entry left behind
+
+
+@pytest.mark.parametrize("deferrable", [False, True], ids=["poke", "first look"])
+@pytest.mark.parametrize(
+    ("changes", "fragment"),
+    [
+        ({"status": "error", "error": "access_denied"}, "access was denied"),
+        ({"status": "error", "error": "server_error"}, "server_error"),
+        ({"expires_at": 1.0}, "expired"),
+    ],
+)
+def test_sensor_final_outcomes_leave_no_entry(flow, changes, fragment, deferrable):
+    from airflow.sdk.exceptions import AirflowFailException
+
+    from airflow_papertrail.sensors.papertrail import PapertrailAuthorizationSensor
+
+    emulator, _, new_pending = flow
+    pending = new_pending(**changes)
+    sensor = PapertrailAuthorizationSensor(
+        task_id="wait",
+        authorization_id=pending.authorization_id,
+        papertrail_conn_id="pt_trigger",
+        deferrable=deferrable,
+    )
+    with pytest.raises(AirflowFailException, match=fragment):
+        sensor.execute({}) if deferrable else sensor.poke({})
+    assert emulator.stats["token_requests"] == 0
+    assert OrmVariables().get(pending_variable_key(pending.authorization_id)) is None
+
+
+def test_sensor_timeout_in_poke_mode_leaves_no_entry(flow):
+    from airflow.sdk.exceptions import AirflowSensorTimeout
+
+    from airflow_papertrail.sensors.papertrail import PapertrailAuthorizationSensor
+
+    _, _, new_pending = flow
+    pending = new_pending()
+    sensor = PapertrailAuthorizationSensor(
+        task_id="wait",
+        authorization_id=pending.authorization_id,
+        papertrail_conn_id="pt_trigger",
+        deferrable=False,
+        poke_interval=0.05,
+        timeout=0.3,
+    )
+    with pytest.raises(AirflowSensorTimeout):
+        sensor.execute({})
+    assert OrmVariables().get(pending_variable_key(pending.authorization_id)) is None
 
 
 def test_timeout_and_missing_entry(flow):
@@ -132,6 +181,7 @@ def test_timeout_and_missing_entry(flow):
         )
     )
     assert event["status"] == "timeout"
+    assert OrmVariables().get(pending_variable_key(pending.authorization_id)) is None  # abandoned: deleted
     event = _run(PapertrailAuthorizationTrigger("pt_trigger", "0" * 40, deadline=time.time() + 5))
     assert event["status"] == "failed" and "no longer exists" in event["message"]
 
