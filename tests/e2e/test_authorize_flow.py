@@ -126,7 +126,7 @@ def test_allow_then_replay(stack, emulator, browser, tmp_path):
     assert emulator.stats["authorization_code_grants"] == 1
     raw = stack.variable(f"papertrail_grant__{CONN_ID}")
     _no_secrets(raw, emulator)
-    assert stack.variable("papertrail_auth__" + "0" * 40) is None
+    assert stack.variable(pending_variable_key(_authorization_id(url))) is None  # redeemed: entry deleted
 
     report = stack.xcom(DAG_ID, run_id, "report_grant")
     assert report["generation"] == stored["generation"] and report["scope"] == "accounting.read"
@@ -135,13 +135,31 @@ def test_allow_then_replay(stack, emulator, browser, tmp_path):
     assert "Open this link and approve access" in logs
     _no_secrets(logs, emulator)
     _no_secrets(stack.all_logs(), emulator)  # api-server access log, scheduler, triggerer, task logs
-    assert "papertrail-callback-query=redacted" in stack.logs() or "/papertrail/callback" in stack.logs()
 
     # the same callback again (a reload, or an attacker replaying it): refused, nothing changes
     with urllib3_quiet():  # urllib3 logs full URLs at DEBUG; this one carries the (spent) code
         replay = requests.get(result.final_url, timeout=10)
     assert replay.status_code in (400, 409) and "Authorization received" not in replay.text
     assert _grant(stack)["generation"] == stored["generation"]
+
+    # The api-server's access log has a line for each delivery (the browser's and the replay),
+    # with the scrubbed query in place of the code and state.
+    callback = parse_qs(urlsplit(result.final_url).query)
+    code, state = callback["code"][0], callback["state"][0]
+    assert state == parse_qs(urlsplit(url).query)["state"][0]
+
+    def access_lines() -> list[str] | None:
+        lines = [
+            line
+            for line in stack.logs().splitlines()
+            if line.startswith("api-server") and "request finished" in line and "/papertrail/callback" in line
+        ]
+        return lines if len(lines) >= 2 else None
+
+    lines = wait_until(access_lines, timeout=15, message="no access-log line for both callback deliveries")
+    for line in lines:
+        assert "papertrail-callback-query=redacted" in line, "the callback's query was not scrubbed"
+        assert code not in line and state not in line, "the access log recorded the callback's code or state"
     print(f"click-to-stored latency: {latency:.2f} s; callback-to-stored: {callback_latency:.2f} s")
 
 
