@@ -35,6 +35,7 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit, urlunsplit
 
 from airflow_papertrail.exceptions import (
+    EncryptionKeyMissing,
     InvalidGrantError,
     PapertrailConfigurationError,
     PapertrailError,
@@ -56,6 +57,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+#: The route's answer when the api-server cannot serve refreshes because of its own
+#: configuration (no key, a connection it cannot use): never confused with a bad ticket.
+SERVER_MISCONFIGURED = "server_misconfigured"
 REQUEST_PURPOSE = "papertrail-refresh-request"
 RESPONSE_PURPOSE = "papertrail-refresh-response"
 COORDINATOR_PATH = "/papertrail/token"
@@ -125,10 +129,21 @@ def handle_refresh_request(ticket: str, *, entries: EntryAccess) -> tuple[int, d
     from airflow_papertrail.token_store import OrmVariables, VariableTokenStore, load_cipher
 
     try:
-        cipher = load_cipher()
-        request = open_ticket(cipher, REQUEST_PURPOSE, ticket, ttl=60)
-        conn_id = str(request["conn_id"])
-        config = _server_config(conn_id)
+        try:
+            cipher = load_cipher()
+        except EncryptionKeyMissing as exc:  # no ticket can be opened: say so, never blame the worker's keys
+            return _misconfigured(str(exc))
+        try:
+            request = open_ticket(cipher, REQUEST_PURPOSE, ticket, ttl=60)
+            conn_id = str(request["conn_id"])
+            seen_generation = int(request["seen_generation"])
+            force = bool(request.get("force"))
+        except (TicketError, KeyError, TypeError, ValueError):
+            return 401, {"error": "invalid_ticket", "message": "not a valid refresh ticket for these encryption keys"}
+        try:
+            config = _server_config(conn_id)
+        except PapertrailConfigurationError as exc:
+            return _misconfigured(str(exc))
         store = VariableTokenStore(conn_id, cipher=cipher, backend=OrmVariables(), on_secret=mask_in_api_server)
 
         def client() -> OAuthClient:
@@ -138,8 +153,8 @@ def handle_refresh_request(ticket: str, *, entries: EntryAccess) -> tuple[int, d
 
         grant = coordinated_refresh(
             conn_id,
-            seen_generation=int(request["seen_generation"]),
-            force=bool(request.get("force")),
+            seen_generation=seen_generation,
+            force=force,
             entries=entries,
             store=store,
             client_factory=client,
@@ -155,8 +170,6 @@ def handle_refresh_request(ticket: str, *, entries: EntryAccess) -> tuple[int, d
             "scope": grant.token.scope,
         }
         return 200, {"ticket": seal_ticket(cipher, RESPONSE_PURPOSE, answer)}
-    except (TicketError, KeyError, TypeError, ValueError):
-        return 401, {"error": "invalid_ticket", "message": "not a valid refresh ticket for these encryption keys"}
     except ReauthorizationRequired as exc:
         return 409, {"error": "reauthorization_required", "message": str(exc)}
     except (TransientOAuthError, PapertrailError) as exc:
@@ -166,12 +179,27 @@ def handle_refresh_request(ticket: str, *, entries: EntryAccess) -> tuple[int, d
         return 503, {"error": "unavailable", "message": f"unexpected {type(exc).__name__} on the api-server"}
 
 
+def _misconfigured(message: str) -> tuple[int, dict[str, Any]]:
+    """The api-server itself cannot serve refreshes (no key, a connection it cannot use)."""
+    log.error("Papertrail-ai refresh coordinator is misconfigured: %s", message)
+    return 503, {"error": SERVER_MISCONFIGURED, "message": message}
+
+
 def _server_config(conn_id: str) -> Any:
+    """The connection as the api-server sees it, validated; PapertrailConfigurationError if it cannot be used."""
     from airflow.models.connection import Connection
+    from airflow.sdk.exceptions import AirflowNotFoundException
 
     from airflow_papertrail.hooks.papertrail import config_from_connection, mask_in_api_server
 
-    conn = Connection.get_connection_from_secrets(conn_id)
+    try:
+        conn = Connection.get_connection_from_secrets(conn_id)
+    except AirflowNotFoundException:
+        raise PapertrailConfigurationError(
+            f"connection {conn_id!r} is not defined on the api-server; define it there too (a connection "
+            f"that only the workers see, e.g. an AIRFLOW_CONN_{conn_id.upper()} environment variable set on "
+            "the workers alone, is unknown to the api-server)"
+        ) from None
     mask_in_api_server(conn.password)
     return config_from_connection(conn).validate(need_redirect_uri=False, conn_id=conn_id)
 
@@ -253,6 +281,15 @@ def _via_api_server(hook: PapertrailHook, stored: StoredGrant, force: bool) -> T
     if response.status_code == 404 or not response.headers.get("content-type", "").startswith("application/json"):
         raise CoordinatorUnavailable(f"{url} has no Papertrail-ai refresh route (HTTP {response.status_code})")
     body = response.json()
+    if not isinstance(body, dict):
+        raise CoordinatorUnavailable(f"{url} has no Papertrail-ai refresh route (HTTP {response.status_code})")
+    if body.get("error") == SERVER_MISCONFIGURED:
+        raise PapertrailConfigurationError(
+            "the api-server cannot refresh Papertrail-ai tokens because of its own configuration: "
+            f"{str(body.get('message', '')).rstrip('. ')}. Fix this on the api-server (its [papertrail] "
+            f"token_encryption_keys, or the connection {conn_id!r} as the api-server reads it: run 'airflow "
+            f"connections get {conn_id}' there), restart it if you changed its environment, then retry the task"
+        )
     if response.status_code == 409:
         raise ReauthorizationRequired(conn_id, str(body.get("message", "")))
     if response.status_code == 401:

@@ -4,16 +4,20 @@ one refresh per generation under concurrency, tickets, lost answers never replay
 from __future__ import annotations
 
 import json
+import socket
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 from fastapi.testclient import TestClient
 
+from airflow_papertrail.exceptions import PapertrailConfigurationError
+from airflow_papertrail.hooks.papertrail import PapertrailHook
 from airflow_papertrail.oauth import OAuthClient, OAuthClientConfig
 from airflow_papertrail.oauth.envelope import open_ticket, seal_ticket
 from airflow_papertrail.plugins.callback_app import create_app
-from airflow_papertrail.refresh import REQUEST_PURPOSE, RESPONSE_PURPOSE
+from airflow_papertrail.refresh import REQUEST_PURPOSE, RESPONSE_PURPOSE, get_valid_token
 from airflow_papertrail.token_store import OrmVariables, VariableTokenStore, load_cipher
 from tests.conftest import CLIENT_ID, CLIENT_SECRET, REDIRECT_URI
 
@@ -51,8 +55,8 @@ def grant(airflow_db, emulator, monkeypatch, fernet_key):
     client = TestClient(create_app())
     cipher = load_cipher()
 
-    def ask(seen: int, force: bool = False):
-        ticket = seal_ticket(cipher, REQUEST_PURPOSE, {"conn_id": CONN, "seen_generation": seen, "force": force})
+    def ask(seen: int, force: bool = False, conn_id: str = CONN):
+        ticket = seal_ticket(cipher, REQUEST_PURPOSE, {"conn_id": conn_id, "seen_generation": seen, "force": force})
         response = client.post("/token", json={"ticket": ticket})
         body = response.json()
         if response.status_code == 200:
@@ -133,4 +137,73 @@ def test_ticket_for_another_purpose_is_refused(grant):
     ticket = seal_ticket(load_cipher(), RESPONSE_PURPOSE, {"conn_id": CONN, "seen_generation": stored.generation})
     response = TestClient(create_app()).post("/token", json={"ticket": ticket})
     assert response.status_code == 401
+    assert emulator.stats["refresh_grants"] == 0
+
+
+@pytest.mark.parametrize(
+    ("keys", "fragment"), [(None, "no token encryption key is configured"), ("not-a-key", "not a valid Fernet key")]
+)
+def test_api_server_without_a_usable_key_says_so(grant, monkeypatch, keys, fragment):
+    emulator, _, stored, ask = grant  # the ticket is sealed with the worker's (valid) key
+    if keys is None:
+        monkeypatch.delenv("AIRFLOW__PAPERTRAIL__TOKEN_ENCRYPTION_KEYS")
+    else:
+        monkeypatch.setenv("AIRFLOW__PAPERTRAIL__TOKEN_ENCRYPTION_KEYS", keys)
+    status, body = ask(stored.generation)
+    assert (status, body["error"]) == (503, "server_misconfigured")  # not invalid_ticket: no key mismatch to blame
+    assert fragment in body["message"] and "token_encryption_keys" in body["message"]
+    assert emulator.stats["refresh_grants"] == 0
+
+
+def test_connection_the_api_server_cannot_use_is_named(grant, monkeypatch):
+    emulator, _, stored, ask = grant
+    monkeypatch.setenv("AIRFLOW_CONN_PT_COORD_BAD", json.dumps({"conn_type": "papertrail", "password": "x" * 12}))
+    status, body = ask(stored.generation, conn_id="pt_coord_bad")
+    assert (status, body["error"]) == (503, "server_misconfigured")
+    assert "Papertrail-ai connection 'pt_coord_bad' is invalid" in body["message"]
+    assert "the client ID is missing" in body["message"]
+    status, body = ask(stored.generation, conn_id="pt_coord_nowhere")
+    assert (status, body["error"]) == (503, "server_misconfigured")
+    assert "connection 'pt_coord_nowhere' is not defined on the api-server" in body["message"]
+    assert emulator.stats["refresh_grants"] == 0
+
+
+@pytest.fixture
+def plugin_server(grant, monkeypatch):
+    """The plugin app on a real HTTP server (uvicorn, loopback) that workers reach over the network."""
+    import uvicorn
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    server = uvicorn.Server(
+        uvicorn.Config(create_app(), host="127.0.0.1", port=port, log_level="warning", access_log=False)
+    )
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started:
+        assert thread.is_alive() and time.monotonic() < deadline, "uvicorn did not start"
+        time.sleep(0.05)  # poll interval of a condition wait with a deadline
+    monkeypatch.setenv("AIRFLOW__PAPERTRAIL__COORDINATOR_URL", f"http://127.0.0.1:{port}/token")
+    monkeypatch.setenv("AIRFLOW__PAPERTRAIL__REFRESH_COORDINATOR", "api-server")
+    try:
+        yield grant
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+
+
+def test_worker_names_the_api_server_misconfiguration(plugin_server, monkeypatch):
+    emulator, _, stored, _ = plugin_server
+    hook = PapertrailHook(CONN)
+    assert hook.token_store.load().generation == stored.generation  # the worker has its key and config
+    assert hook.config.client_id == CLIENT_ID
+    monkeypatch.delenv("AIRFLOW__PAPERTRAIL__TOKEN_ENCRYPTION_KEYS")  # ... the api-server has none
+    with pytest.raises(PapertrailConfigurationError) as err:
+        get_valid_token(hook)
+    message = str(err.value)
+    assert "the api-server cannot refresh Papertrail-ai tokens because of its own configuration" in message
+    assert "no token encryption key is configured" in message and "Fix this on the api-server" in message
+    assert "differ" not in message  # the keys do not differ; the api-server has none
     assert emulator.stats["refresh_grants"] == 0
