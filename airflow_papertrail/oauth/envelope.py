@@ -2,7 +2,7 @@
 
 An envelope is a small versioned JSON document::
 
-    {"v": 1, "kind": "papertrail-grant", "conn_id": "papertrail_default", "ciphertext": "gAAAA..."}
+    {"v": 1, "kind": "grant", "conn_id": "papertrail_default", "ciphertext": "gAAAA..."}
 
 The plaintext inside the Fernet token repeats ``conn_id`` (and ``kind``) so an envelope
 copied into another connection's Variable fails to open: the outer ``conn_id`` is only a
