@@ -123,14 +123,17 @@ def test_32_tasks_one_refresh(stack, emulator):
     assert not leaked
 
 
-def test_faults_and_a_worker_killed_mid_refresh(stack, emulator):
+def test_faults_and_a_worker_killed_mid_refresh(stack, emulator, tmp_path):
     _store_expired_grant(stack, emulator)
     refreshes = emulator.stats["refresh_grants"]
     emulator.inject("token", status=500, times=2)  # retried by the coordinator
     emulator.inject("token", delay=4.0)  # slow answer: one worker dies while waiting for it
-    state, tis = _run(stack, kill_one=True)
+    marker = tmp_path / "killed-map-index"
+    state, tis = _run(stack, kill_one=str(marker))
     assert state == "success", {i: ti["state"] for i, ti in tis.items()}
-    assert tis[0]["try_number"] >= 2  # the killed task failed once and succeeded on retry
+    assert marker.exists(), "no task saw the expired token, so none was killed"
+    killed = int(marker.read_text())
+    assert tis[killed]["try_number"] >= 2  # the killed task failed once and succeeded on retry
     assert emulator.stats["refresh_grants"] - refreshes == 1
     assert emulator.stats["grants_revoked"] == 0
     assert emulator.grant_is_active(_grant(stack)["token"]["refresh_token"])
