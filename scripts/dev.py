@@ -3,7 +3,8 @@
 
     python3 scripts/dev.py demo    # a local Airflow with the provider and the emulator
     python3 scripts/dev.py test    # ruff + mypy + strict docs build + the whole pytest suite,
-                                   # then the compat suite on the newest Airflow 3.2.x
+                                   # then the compat suite on the newest Airflow 3.2.x and the
+                                   # unit suite on the other supported Pythons found here
     python3 scripts/dev.py compat  # only the compat suite (unit, dag.test, real-triggerer E2E)
 
 Needs only Python 3.10-3.13 and pip: uv is installed into .tools/ when it is not on PATH,
@@ -110,6 +111,55 @@ def run_compat(pytest_args: list[str]) -> int:
     return run_step(f"pytest on Airflow {version}", [py, "-m", "pytest", *(pytest_args or COMPAT_TESTS)], env)
 
 
+#: Supported Pythons besides the one the locked suite runs on (pyproject: 3.10-3.13).
+OTHER_PYTHONS = ("3.10", "3.12", "3.13")
+
+
+def find_python(version: str) -> str | None:
+    """An installed CPython ``version`` (e.g. "3.12"): on PATH, under pyenv, or in /usr."""
+    pyenv = Path(os.environ.get("PYENV_ROOT", Path.home() / ".pyenv")) / "versions"
+    candidates = [shutil.which(f"python{version}")]
+    candidates += [str(p) for p in sorted(pyenv.glob(f"{version}.*/bin/python{version}"), reverse=True)]
+    candidates += [f"{prefix}/bin/python{version}" for prefix in ("/usr/local", "/usr")]
+    for candidate in candidates:
+        if not candidate or not Path(candidate).is_file():
+            continue
+        probe = subprocess.run(
+            [candidate, "-c", "import sys; print('%d.%d' % sys.version_info[:2])"], capture_output=True, text=True
+        )
+        if probe.returncode == 0 and probe.stdout.strip() == version:
+            return candidate
+    return None
+
+
+def run_other_pythons() -> list[str]:
+    """The unit suite on every other supported Python found on this machine (no downloads).
+
+    Each gets its own environment from the same uv.lock (``.venv-py3.X``). An interpreter
+    that is not installed is reported and skipped: the locked 3.11 suite is the one CI needs.
+    """
+    uv = find_uv()
+    failures = []
+    for version in OTHER_PYTHONS:
+        interpreter = find_python(version)
+        if interpreter is None:
+            say(f"Python {version} is not installed here: its unit suite is skipped")
+            continue
+        venv = ROOT / f".venv-py{version}"
+        env = dict(os.environ)
+        env.update(UV_COMPILE_BYTECODE="1", UV_PYTHON_DOWNLOADS="never", UV_PROJECT_ENVIRONMENT=str(venv))
+        env.pop("VIRTUAL_ENV", None)
+        say(f"syncing {venv.name}/ from uv.lock for Python {version}")
+        sync = subprocess.run([uv, "sync", "--locked", "--python", interpreter, "--quiet"], cwd=ROOT, env=env)
+        py = str(venv / BIN / "python")
+        if (
+            sync.returncode != 0
+            or run_step(f"unit tests on Python {version}", [py, "-m", "pytest", "tests/unit", "-q"], env) != 0
+        ):
+            failures.append(f"unit tests on Python {version}")
+    return failures
+
+
 def cmd_compat(args: argparse.Namespace) -> int:
     rc = run_compat(args.pytest_args)
     if rc == 0:
@@ -148,6 +198,7 @@ def cmd_test(args: argparse.Namespace) -> int:
         rc = run_compat([])
         if rc != 0:
             failures.append("compat (Airflow 3.2)" + (" (no tests)" if rc == 5 else ""))
+        failures.extend(run_other_pythons())
     if failures:
         say("FAILED: " + ", ".join(failures))
         return 1
@@ -405,7 +456,9 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     test = sub.add_parser("test", help="ruff, mypy, the strict docs build and the whole pytest suite")
     test.add_argument("--skip-lint", action="store_true", help="only run pytest")
-    test.add_argument("--no-compat", action="store_true", help="skip the suite on the newest Airflow 3.2.x")
+    test.add_argument(
+        "--no-compat", action="store_true", help="skip the Airflow 3.2.x suite and the other Pythons' unit suites"
+    )
     test.add_argument("pytest_args", nargs="*", help="extra pytest arguments (after --)")
     test.set_defaults(func=cmd_test)
     compat = sub.add_parser("compat", help="unit, dag.test and real-triggerer suites on the newest Airflow 3.2.x")
