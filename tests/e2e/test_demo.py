@@ -7,8 +7,11 @@ from __future__ import annotations
 
 import os
 import re
+import signal
 import subprocess
 import sys
+import threading
+import time
 
 from airflow_papertrail.testing.emulator import EmulatorClient, PapertrailEmulator
 from tests.conftest import append_captured, remember_secrets
@@ -103,3 +106,53 @@ def test_demo_without_the_client_secret_says_what_to_set():
     assert rc != 0
     assert "export PAPERTRAIL_CLIENT_SECRET" in out
     assert "starting Airflow" not in out  # refused before anything was started
+
+
+def test_ctrl_c_stops_everything_the_demo_started():
+    """A person presses Ctrl-C while the demo keeps Airflow running: it says it stops, exits 0,
+    and no process it started (Airflow components, the emulator) is left."""
+    proc = subprocess.Popen(
+        [sys.executable, str(REPO / "scripts" / "dev.py"), "demo", "--no-flow"],
+        cwd=REPO,
+        env=_clean_env(),
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    lines: list[str] = []
+    ready = threading.Event()
+
+    def read() -> None:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            lines.append(line)
+            if "press Ctrl-C to stop" in line:
+                ready.set()
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    try:
+        assert ready.wait(timeout=300), "".join(lines)[-3000:]
+        emulator_up = any("Emulator:" in line for line in lines)
+        proc.send_signal(signal.SIGINT)  # what Ctrl-C delivers to the foreground process
+        rc = proc.wait(timeout=90)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=30)
+        reader.join(timeout=10)
+        append_captured("".join(lines))
+    out = "".join(lines)
+    assert emulator_up, out[-3000:]
+    assert rc == 0, out[-3000:]
+    assert "[papertrail] stopping" in out
+    deadline = time.monotonic() + 30  # children get SIGTERM, then SIGKILL after 30 s
+    while True:
+        try:
+            _assert_nothing_left_running()
+            break
+        except AssertionError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.2)  # poll interval of a condition wait with a deadline
