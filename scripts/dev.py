@@ -309,6 +309,11 @@ def cmd_demo(args: argparse.Namespace) -> int:
     procs: list[subprocess.Popen] = []
     logs = ROOT / ".demo"
 
+    def record_groups() -> None:
+        # Every process the demo starts leads its own process group (start_new_session): the
+        # groups are listed here so tests (and people) can check nothing outlived the demo.
+        (logs / "process-groups").write_text("".join(f"{proc.pid}\n" for proc in procs))
+
     def group_alive(pgid: int) -> bool:
         try:
             os.killpg(pgid, 0)
@@ -356,6 +361,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
                     start_new_session=True,
                 )
             )
+            record_groups()
         else:
             say(f"using Papertrail-ai at {service_url} as client {client_id!r} (no emulator)")
         say("migrating the Airflow metadata DB (SQLite)")
@@ -392,6 +398,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
                 start_new_session=True,
             )
         )
+        record_groups()
         _wait(f"{base}/api/v2/monitor/health", time.monotonic() + args.timeout, procs)
         if service is None:
             _wait(f"{service_url}/healthz", time.monotonic() + 30, procs)

@@ -12,6 +12,7 @@ import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 
 from airflow_papertrail.testing.emulator import EmulatorClient, PapertrailEmulator
 from tests.conftest import append_captured, remember_secrets
@@ -49,18 +50,40 @@ def _assert_summary(out: str) -> None:
             assert sum(1 for _ in fh) == int(records) > 0, task_id
 
 
+def _group_and_session(pid: int) -> tuple[int, int] | None:
+    """(process group, session) of a live non-zombie process, or None."""
+    try:
+        raw = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    fields = raw[raw.rfind(")") + 2 :].split()  # after "pid (comm) "
+    return None if fields[0] == "Z" else (int(fields[2]), int(fields[3]))
+
+
 def _assert_nothing_left_running() -> None:
-    """Nothing runs with the demo's AIRFLOW_HOME any more."""
+    """Nothing the demo started still runs: no process in the process groups/sessions it
+    recorded in .demo/process-groups (Airflow's children rename themselves with setproctitle,
+    which wipes /proc/<pid>/environ, so the environment alone does not find them), and no
+    process with the demo's AIRFLOW_HOME in its environment."""
+    groups = {int(line) for line in (REPO / ".demo" / "process-groups").read_text().split()}
+    assert groups, "the demo recorded no process groups"
     demo_home = str(REPO / ".demo" / "airflow-home")
     leftovers = []
     for pid in os.listdir("/proc"):
-        if pid.isdigit():
-            try:
-                with open(f"/proc/{pid}/environ", "rb") as fh:
-                    if f"AIRFLOW_HOME={demo_home}".encode() in fh.read():
-                        leftovers.append(pid)
-            except OSError:
-                continue
+        if not pid.isdigit():
+            continue
+        ids = _group_and_session(int(pid))
+        if ids is None:
+            continue
+        if groups & set(ids):
+            leftovers.append(pid)
+            continue
+        try:
+            with open(f"/proc/{pid}/environ", "rb") as fh:
+                if f"AIRFLOW_HOME={demo_home}".encode() in fh.read():
+                    leftovers.append(pid)
+        except OSError:
+            continue
     assert not leftovers, f"demo processes left running: {leftovers}"
 
 
