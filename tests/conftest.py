@@ -106,6 +106,23 @@ def fernet_key(monkeypatch: pytest.MonkeyPatch) -> str:
 CLIENT_ID = "airflow-test-client"
 CLIENT_SECRET = "cs-" + "Zq8x" * 8  # long enough for the masker and the canary
 REDIRECT_URI = "http://127.0.0.1:8080/papertrail/callback"
+
+
+def emulator_connection(base_url: str, *, password: str = CLIENT_SECRET) -> str:
+    """The ``AIRFLOW_CONN_<ID>`` value (JSON) of a Papertrail-ai connection to an emulator."""
+    import json
+
+    return json.dumps(
+        {
+            "conn_type": "papertrail",
+            "login": CLIENT_ID,
+            "password": password,
+            "host": base_url,
+            "extra": {"redirect_uri": REDIRECT_URI, "system": "xero"},
+        }
+    )
+
+
 remember_secrets(CLIENT_SECRET, os.environ["AIRFLOW__CORE__FERNET_KEY"])
 
 

@@ -39,9 +39,10 @@ from urllib.parse import parse_qsl, quote, urlencode, urlsplit, urlunsplit
 import requests
 
 from tests.conftest import append_captured, remember_secrets
+from tests.waiting import WaitTimeout, wait_until
 
 if TYPE_CHECKING:
-    from collections.abc import Callable, Iterable, Iterator, Mapping
+    from collections.abc import Iterable, Iterator, Mapping
 
     from playwright.sync_api import Browser
 
@@ -72,10 +73,6 @@ class HarnessError(AssertionError):
     """Something in the end-to-end set-up did not happen as expected (AssertionError: pytest shows it plainly)."""
 
 
-class WaitTimeout(HarnessError):
-    """:func:`wait_until` ran out of time."""
-
-
 class ApiError(HarnessError):
     """The REST API answered with an unexpected status."""
 
@@ -94,36 +91,6 @@ def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
-
-
-def wait_until(
-    predicate: Callable[[], T | None],
-    timeout: float,
-    interval: float = 0.2,
-    message: str | Callable[[], str] = "",
-    *,
-    ignore: tuple[type[BaseException], ...] = (),
-) -> T:
-    """Poll ``predicate`` every ``interval`` s until it returns something truthy; return that.
-
-    Raises :class:`WaitTimeout` with ``message`` (a string, or a callable evaluated at the time-out
-    so it can describe the current state) after ``timeout`` s. Exceptions of the types in
-    ``ignore`` count as "not yet" (the last one is chained to the time-out); others propagate.
-    """
-    deadline = time.monotonic() + timeout
-    last_error: BaseException | None = None
-    while True:
-        try:
-            result = predicate()
-        except ignore as exc:
-            last_error = exc
-        else:
-            if result:
-                return result
-        if time.monotonic() >= deadline:
-            text = message() if callable(message) else message
-            raise WaitTimeout(f"timed out after {timeout:.1f} s: {text or predicate!r}") from last_error
-        time.sleep(interval)
 
 
 @contextlib.contextmanager
@@ -154,14 +121,14 @@ def redact_urls_in(text: str) -> str:
     return re.sub(r"https?://[^\s\"'<>]+", lambda m: redact_url(m.group(0)), text)
 
 
-def _proc_stat(pid: int) -> tuple[str, int] | None:
-    """(state, process group) of a live process, or None."""
+def proc_stat(pid: int) -> tuple[str, int, int] | None:
+    """(state, process group, session) of a process, or None if it is gone."""
     try:
         raw = Path(f"/proc/{pid}/stat").read_text()
     except OSError:
         return None
     fields = raw[raw.rfind(")") + 2 :].split()  # after "pid (comm) "
-    return fields[0], int(fields[2])
+    return fields[0], int(fields[2]), int(fields[3])
 
 
 def _all_pids() -> Iterator[int]:
@@ -174,7 +141,7 @@ def group_pids(pgid: int) -> list[int]:
     """Live (non-zombie) processes whose process group is ``pgid``."""
     found = []
     for pid in _all_pids():
-        stat = _proc_stat(pid)
+        stat = proc_stat(pid)
         if stat and stat[1] == pgid and stat[0] != "Z":
             found.append(pid)
     return found
@@ -191,7 +158,7 @@ def pids_with_env(name: str, value: str) -> list[int]:
             environ = Path(f"/proc/{pid}/environ").read_bytes()
         except OSError:
             continue
-        stat = _proc_stat(pid)
+        stat = proc_stat(pid)
         if stat and stat[0] != "Z" and needle in environ.split(b"\0"):
             found.append(pid)
     return found

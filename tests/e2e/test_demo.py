@@ -11,12 +11,11 @@ import signal
 import subprocess
 import sys
 import threading
-import time
-from pathlib import Path
 
 from airflow_papertrail.testing.emulator import EmulatorClient, PapertrailEmulator
 from tests.conftest import append_captured, remember_secrets
-from tests.e2e.harness import REPO, free_port
+from tests.e2e.harness import REPO, free_port, proc_stat
+from tests.waiting import wait_until
 
 
 def _clean_env(**extra: str) -> dict[str, str]:
@@ -50,21 +49,11 @@ def _assert_summary(out: str) -> None:
             assert sum(1 for _ in fh) == int(records) > 0, task_id
 
 
-def _group_and_session(pid: int) -> tuple[int, int] | None:
-    """(process group, session) of a live non-zombie process, or None."""
-    try:
-        raw = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    fields = raw[raw.rfind(")") + 2 :].split()  # after "pid (comm) "
-    return None if fields[0] == "Z" else (int(fields[2]), int(fields[3]))
-
-
-def _assert_nothing_left_running() -> None:
-    """Nothing the demo started still runs: no process in the process groups/sessions it
-    recorded in .demo/process-groups (Airflow's children rename themselves with setproctitle,
-    which wipes /proc/<pid>/environ, so the environment alone does not find them), and no
-    process with the demo's AIRFLOW_HOME in its environment."""
+def _leftovers() -> list[str]:
+    """Pids of processes the demo started that still run: any process in the process groups or
+    sessions it recorded in .demo/process-groups (Airflow's children rename themselves with
+    setproctitle, which wipes /proc/<pid>/environ, so the environment alone does not find
+    them), or with the demo's AIRFLOW_HOME in its environment."""
     groups = {int(line) for line in (REPO / ".demo" / "process-groups").read_text().split()}
     assert groups, "the demo recorded no process groups"
     demo_home = str(REPO / ".demo" / "airflow-home")
@@ -72,10 +61,10 @@ def _assert_nothing_left_running() -> None:
     for pid in os.listdir("/proc"):
         if not pid.isdigit():
             continue
-        ids = _group_and_session(int(pid))
-        if ids is None:
+        stat = proc_stat(int(pid))
+        if stat is None or stat[0] == "Z":
             continue
-        if groups & set(ids):
+        if groups & set(stat[1:]):
             leftovers.append(pid)
             continue
         try:
@@ -84,6 +73,11 @@ def _assert_nothing_left_running() -> None:
                     leftovers.append(pid)
         except OSError:
             continue
+    return leftovers
+
+
+def _assert_nothing_left_running() -> None:
+    leftovers = _leftovers()
     assert not leftovers, f"demo processes left running: {leftovers}"
 
 
@@ -170,12 +164,5 @@ def test_ctrl_c_stops_everything_the_demo_started():
     assert emulator_up, out[-3000:]
     assert rc == 0, out[-3000:]
     assert "[papertrail] stopping" in out
-    deadline = time.monotonic() + 30  # children get SIGTERM, then SIGKILL after 30 s
-    while True:
-        try:
-            _assert_nothing_left_running()
-            break
-        except AssertionError:
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.2)  # poll interval of a condition wait with a deadline
+    # children get SIGTERM, then SIGKILL after 30 s
+    wait_until(lambda: not _leftovers(), timeout=35, message=lambda: f"demo processes left running: {_leftovers()}")

@@ -21,6 +21,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from tests.waiting import wait_until
+
 #: Set by .ci/run: a missing PostgreSQL (or driver, in the locked .venv) fails instead of skipping.
 REQUIRE_ENV = "PAPERTRAIL_REQUIRE_POSTGRES"
 SUPERUSER = "papertrail"
@@ -176,8 +178,10 @@ class Cluster:
 
     def _wait_ready(self) -> None:
         started = time.monotonic()
-        deadline = started + self.ready_timeout
-        while True:
+        last = ""
+
+        def ready() -> bool:
+            nonlocal last
             proc = subprocess.run(
                 [str(self.bindir / "pg_isready"), "-h", "127.0.0.1", "-p", str(self.port), "-t", "2"],
                 capture_output=True,
@@ -185,18 +189,20 @@ class Cluster:
                 timeout=30,
                 check=False,
             )
+            last = proc.stdout.strip()
             if proc.returncode == 0:
-                return
-            if time.monotonic() > deadline:
-                raise RuntimeError(
-                    f"PostgreSQL not ready within {self.ready_timeout:.0f} s (pg_isready: {proc.stdout.strip()})\n"
-                    f"server log:\n{self.log_tail()}"
-                )
+                return True
             # pg_ctl -W returns before the postmaster writes its pid file: judge "gone" after a grace period
             status = self._tool("pg_ctl", "-D", str(self.data), "status", timeout=30, check=False)
             if status.returncode == 3 and time.monotonic() - started > 5:
                 raise RuntimeError(f"PostgreSQL exited during start-up\nserver log:\n{self.log_tail()}")
-            time.sleep(0.2)  # poll interval of a condition wait with a deadline
+            return False
+
+        wait_until(
+            ready,
+            timeout=self.ready_timeout,
+            message=lambda: f"PostgreSQL not ready (pg_isready: {last})\nserver log:\n{self.log_tail()}",
+        )
 
     def _kill_postmaster(self) -> None:
         """``pg_ctl stop`` failed: SIGKILL the postmaster this cluster started (its pid file's first line)."""

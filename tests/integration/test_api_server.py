@@ -8,15 +8,13 @@ import os
 import re
 import shutil
 import socket
-import subprocess
-import time
 
 import pytest
 import requests
 
 from airflow_papertrail.hooks.papertrail import EXTRA_FIELDS, config_from_connection
-from tests.conftest import append_captured, remember_secrets
-from tests.integration.conftest import BIN, REPO, airflow_env, run
+from tests.conftest import remember_secrets
+from tests.integration.conftest import BIN, REPO, airflow_env, run, start_api_server
 
 DOCS_IMG = REPO / "docs" / "img"
 SCREENSHOTS = ("connection-form-standard.png", "connection-form-extra.png")
@@ -34,36 +32,8 @@ def _free_port() -> int:
 def api_server(airflow_db, session_dir):
     port = _free_port()
     env = airflow_env(AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_ALL_ADMINS="True", AIRFLOW__API__PORT=str(port))
-    log_path = session_dir / f"api-server-{port}.log"
-    with log_path.open("w") as log:
-        proc = subprocess.Popen(
-            [str(BIN / "airflow"), "api-server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
-            env=env,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
-    base = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 180
-    try:
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"api-server exited {proc.returncode}:\n{log_path.read_text()[-4000:]}")
-            try:
-                if requests.get(f"{base}/api/v2/monitor/health", timeout=2).status_code == 200:
-                    break
-            except requests.RequestException:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail(f"api-server not healthy within 180 s:\n{log_path.read_text()[-4000:]}")
-            time.sleep(0.5)  # poll interval of a condition wait with a deadline
+    with start_api_server(env, port, session_dir / f"api-server-{port}.log") as base:
         yield base
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-        append_captured(log_path.read_text())
 
 
 def test_hook_meta_lists_papertrail_fields(api_server):

@@ -24,6 +24,7 @@ from airflow_papertrail.plugins.callback_app import create_app
 from airflow_papertrail.token_store import OrmVariables, VariableTokenStore
 from tests.conftest import CLIENT_ID, CLIENT_SECRET, REDIRECT_URI, append_captured, remember_secrets
 from tests.integration.conftest import REPO, airflow_env
+from tests.waiting import wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -45,18 +46,20 @@ def _xcom_rows(home, dag_id: str) -> list[tuple[str, str]]:
 
 def _consent_url(home, dag_id: str, deadline: float, proc, seen_runs: set[str]) -> str:
     """Wait for the authorize task's XCom (what a person would copy from the UI)."""
-    while time.monotonic() < deadline:
+
+    def consent_url() -> str | None:
         if proc.poll() is not None:
             out, err = proc.communicate()
             pytest.fail(f"DAG ended before asking for consent:\n{out[-3000:]}\n{err[-3000:]}")
         rows = [value for run_id, value in _xcom_rows(home, dag_id) if run_id not in seen_runs]
-        if rows:
-            value = json.loads(rows[0])
-            if isinstance(value, str):
-                value = json.loads(value)
-            return value["consent_url"]
-        time.sleep(0.2)  # poll interval of a condition wait with a deadline
-    pytest.fail("no consent URL within the deadline")
+        if not rows:
+            return None
+        value = json.loads(rows[0])
+        if isinstance(value, str):
+            value = json.loads(value)
+        return str(value["consent_url"])
+
+    return wait_until(consent_url, timeout=max(0.0, deadline - time.monotonic()), message="no consent URL in XCom")
 
 
 def _remember_verifier(url: str, key: str) -> str:

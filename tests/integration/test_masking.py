@@ -3,7 +3,6 @@ real maskers (not a stand-in callback), with the real metadata DB and the emulat
 
 from __future__ import annotations
 
-import json
 import secrets
 import time
 from urllib.parse import urlencode
@@ -18,7 +17,7 @@ from airflow_papertrail.operators.papertrail import PapertrailAuthorizeOperator
 from airflow_papertrail.plugins.callback_app import create_app
 from airflow_papertrail.refresh import REQUEST_PURPOSE, RESPONSE_PURPOSE
 from airflow_papertrail.token_store import OrmVariables, VariableTokenStore, load_cipher
-from tests.conftest import CLIENT_ID, CLIENT_SECRET, REDIRECT_URI, remember_secrets
+from tests.conftest import CLIENT_ID, REDIRECT_URI, emulator_connection, remember_secrets
 
 pytestmark = pytest.mark.integration
 
@@ -41,14 +40,7 @@ def _api_server_masker_hides(value: str) -> bool:
 
 @pytest.fixture
 def connection(airflow_db, emulator, monkeypatch, fernet_key):
-    conn = {
-        "conn_type": "papertrail",
-        "login": CLIENT_ID,
-        "password": CLIENT_SECRET,
-        "host": emulator.base_url,
-        "extra": {"redirect_uri": REDIRECT_URI, "system": "xero"},
-    }
-    monkeypatch.setenv(f"AIRFLOW_CONN_{CONN.upper()}", json.dumps(conn))
+    monkeypatch.setenv(f"AIRFLOW_CONN_{CONN.upper()}", emulator_connection(emulator.base_url))
     return emulator
 
 

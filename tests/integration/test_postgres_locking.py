@@ -29,7 +29,6 @@ import hashlib
 import json
 import os
 import secrets
-import subprocess
 import sys
 import threading
 import time
@@ -41,6 +40,7 @@ from typing import TYPE_CHECKING, Any
 import pytest
 
 from tests.integration import postgres
+from tests.waiting import wait_until
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterator
@@ -120,7 +120,7 @@ def pg_airflow(session_dir: Path) -> Iterator[PgAirflow]:
 
     from airflow_papertrail.oauth.envelope import TokenCipher, parse_keys
     from airflow_papertrail.testing.emulator import EmulatorClient, PapertrailEmulator
-    from tests.conftest import CLIENT_ID, CLIENT_SECRET, remember_secrets
+    from tests.conftest import CLIENT_ID, CLIENT_SECRET, emulator_connection, remember_secrets
     from tests.integration.conftest import BIN, airflow_env, run
 
     key = Fernet.generate_key().decode()
@@ -134,15 +134,7 @@ def pg_airflow(session_dir: Path) -> Iterator[PgAirflow]:
         home = session_dir / "airflow-home-postgres"
         home.mkdir(exist_ok=True)
         connections = {
-            f"AIRFLOW_CONN_{conn_id.upper()}": json.dumps(
-                {
-                    "conn_type": "papertrail",
-                    "login": CLIENT_ID,
-                    "password": CLIENT_SECRET,
-                    "host": emulator.base_url,
-                    "extra": {"redirect_uri": REDIRECT_URI, "system": "xero"},
-                }
-            )
+            f"AIRFLOW_CONN_{conn_id.upper()}": emulator_connection(emulator.base_url)
             for conn_id in (CONN_HELD, CONN_API)
         }
         env = airflow_env(
@@ -165,44 +157,12 @@ def pg_airflow(session_dir: Path) -> Iterator[PgAirflow]:
 @pytest.fixture(scope="module")
 def pg_api_server(pg_airflow: PgAirflow, session_dir: Path) -> Iterator[str]:
     """A real ``airflow api-server`` with 2 worker processes on the PostgreSQL metadata DB."""
-    import requests
-
-    from tests.conftest import append_captured
-    from tests.integration.conftest import BIN
+    from tests.integration.conftest import start_api_server
 
     port = postgres.free_port()
     env = dict(pg_airflow.env, AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_ALL_ADMINS="True", AIRFLOW__API__PORT=str(port))
-    log_path = session_dir / f"api-server-postgres-{port}.log"
-    with log_path.open("w") as log:
-        proc = subprocess.Popen(
-            [str(BIN / "airflow"), "api-server", "--host", "127.0.0.1", "--port", str(port), "--workers", "2"],
-            env=env,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
-    base = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 180
-    try:
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"api-server exited {proc.returncode}:\n{log_path.read_text()[-4000:]}")
-            try:
-                if requests.get(f"{base}/api/v2/monitor/health", timeout=2).status_code == 200:
-                    break
-            except requests.RequestException:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail(f"api-server not healthy within 180 s:\n{log_path.read_text()[-4000:]}")
-            time.sleep(0.5)  # poll interval of a condition wait with a deadline
+    with start_api_server(env, port, session_dir / f"api-server-postgres-{port}.log", workers=2) as base:
         yield base
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=30)
-        append_captured(log_path.read_text())
 
 
 def _sha256(value: str) -> str:
@@ -393,21 +353,26 @@ def _wait_blocked(holder_pid: int, waiters: list[_Worker]) -> tuple[float, bool]
     A waiter that finishes while the first still holds the lock got past it: fail at once.
     """
     started = time.monotonic()
-    while True:
-        blocked, by_holder = _blocked(holder_pid)
-        if blocked >= len(waiters) and by_holder:
-            return time.monotonic() - started, by_holder
+    last = (0, False)
+
+    def all_blocked() -> bool:
+        nonlocal last
+        last = _blocked(holder_pid)
         finished = sum(not w.thread.is_alive() for w in waiters)
         if finished:
             raise AssertionError(
                 f"{finished} of {len(waiters)} transactions on the locked row finished while the first still held "
                 "it: OrmEntryAccess does not serialize on this database"
             )
-        if time.monotonic() - started > DEADLINE:
-            raise AssertionError(
-                f"{blocked} of {len(waiters)} backends blocked after {DEADLINE:.0f} s (by holder: {by_holder})"
-            )
-        time.sleep(0.01)  # poll interval of a condition wait with a deadline
+        return last[0] >= len(waiters) and last[1]
+
+    wait_until(
+        all_blocked,
+        timeout=DEADLINE,
+        interval=0.01,
+        message=lambda: f"{last[0]} of {len(waiters)} backends blocked (by holder: {last[1]})",
+    )
+    return time.monotonic() - started, last[1]
 
 
 class _Worker:

@@ -19,7 +19,8 @@ from airflow_papertrail.oauth.envelope import open_ticket, seal_ticket
 from airflow_papertrail.plugins.callback_app import create_app
 from airflow_papertrail.refresh import REQUEST_PURPOSE, RESPONSE_PURPOSE, get_valid_token
 from airflow_papertrail.token_store import OrmVariables, VariableTokenStore, load_cipher
-from tests.conftest import CLIENT_ID, CLIENT_SECRET, REDIRECT_URI
+from tests.conftest import CLIENT_ID, CLIENT_SECRET, REDIRECT_URI, emulator_connection
+from tests.waiting import wait_until
 
 pytestmark = pytest.mark.integration
 CONN = "pt_coord"
@@ -28,18 +29,7 @@ CONN = "pt_coord"
 @pytest.fixture
 def grant(airflow_db, emulator, monkeypatch, fernet_key):
     """An expired grant stored for CONN, and a client that posts tickets to the real route."""
-    monkeypatch.setenv(
-        f"AIRFLOW_CONN_{CONN.upper()}",
-        json.dumps(
-            {
-                "conn_type": "papertrail",
-                "login": CLIENT_ID,
-                "password": CLIENT_SECRET,
-                "host": emulator.base_url,
-                "extra": {"redirect_uri": REDIRECT_URI, "system": "xero"},
-            }
-        ),
-    )
+    monkeypatch.setenv(f"AIRFLOW_CONN_{CONN.upper()}", emulator_connection(emulator.base_url))
     config = OAuthClientConfig(
         client_id=CLIENT_ID,
         client_secret=CLIENT_SECRET,
@@ -181,10 +171,12 @@ def plugin_server(grant, monkeypatch):
     )
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started:
-        assert thread.is_alive() and time.monotonic() < deadline, "uvicorn did not start"
-        time.sleep(0.05)  # poll interval of a condition wait with a deadline
+
+    def started() -> bool:
+        assert thread.is_alive(), "uvicorn exited during start-up"
+        return bool(server.started)
+
+    wait_until(started, timeout=30, interval=0.05, message="uvicorn did not start")
     monkeypatch.setenv("AIRFLOW__PAPERTRAIL__COORDINATOR_URL", f"http://127.0.0.1:{port}/token")
     monkeypatch.setenv("AIRFLOW__PAPERTRAIL__REFRESH_COORDINATOR", "api-server")
     try:

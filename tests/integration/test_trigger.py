@@ -16,7 +16,7 @@ from airflow_papertrail.hooks.papertrail import PapertrailHook
 from airflow_papertrail.oauth import code_challenge_s256
 from airflow_papertrail.token_store import OrmVariables
 from airflow_papertrail.triggers.papertrail import PapertrailAuthorizationTrigger
-from tests.conftest import CLIENT_ID, CLIENT_SECRET, REDIRECT_URI
+from tests.conftest import CLIENT_ID, REDIRECT_URI, emulator_connection
 
 pytestmark = pytest.mark.integration
 
@@ -33,14 +33,7 @@ def test_serialize_round_trip_is_plain_json():
 
 @pytest.fixture
 def flow(airflow_db, emulator, monkeypatch, fernet_key):
-    conn = {
-        "conn_type": "papertrail",
-        "login": CLIENT_ID,
-        "password": CLIENT_SECRET,
-        "host": emulator.base_url,
-        "extra": {"redirect_uri": REDIRECT_URI, "system": "xero"},
-    }
-    monkeypatch.setenv("AIRFLOW_CONN_PT_TRIGGER", json.dumps(conn))
+    monkeypatch.setenv("AIRFLOW_CONN_PT_TRIGGER", emulator_connection(emulator.base_url))
     store = AuthorizationStore(backend=OrmVariables())
     hook = PapertrailHook("pt_trigger")
 

@@ -14,6 +14,7 @@ from airflow_papertrail.api.modules import MODULES, is_write
 from airflow_papertrail.exceptions import PapertrailConfigurationError, ReauthorizationRequired
 from airflow_papertrail.testing.emulator import DEFAULT_LIST_COUNT, SYSTEMS
 from tests.unit.api.support import FAST, Recorder, TokenSource, data_client
+from tests.waiting import wait_until
 
 LIST_QUERIES = {
     ("bank", "bank_list"),
@@ -215,9 +216,8 @@ def test_write_timeout_is_not_retried_and_the_write_still_happened(emulator, tok
     emulator.inject("api", delay=1.5)
     with pytest.raises(WriteOutcomeUnknown, match="NOT retried"):
         client.query("vendors", "create_vendor", payload={"name": "Slow Supplies"})
-    deadline = time.monotonic() + 5
-    while not emulator.writes and time.monotonic() < deadline:
-        time.sleep(0.05)  # the server finishes the request the client gave up on
+    # the server finishes the request the client gave up on
+    wait_until(lambda: emulator.writes, timeout=5, interval=0.05, message="the write never reached the emulator")
     assert len(emulator.writes) == 1 and emulator.stats["api_requests"] == 1
 
 

@@ -10,7 +10,7 @@ from airflow_papertrail.hooks.papertrail import PapertrailHook, config_from_conn
 from airflow_papertrail.oauth import Token
 from airflow_papertrail.oauth.envelope import TokenCipher
 from airflow_papertrail.token_store import VariableTokenStore
-from tests.conftest import CLIENT_ID, CLIENT_SECRET, REDIRECT_URI
+from tests.conftest import CLIENT_ID, CLIENT_SECRET, REDIRECT_URI, emulator_connection
 from tests.unit.test_token_store import MemoryVariables
 
 
@@ -146,16 +146,7 @@ def test_test_connection_reports_credentials_and_grant(monkeypatch, emulator):
 def test_test_connection_rejected_client(monkeypatch, emulator):
     hook = _hook_with_store(monkeypatch, emulator, None)
     monkeypatch.setenv(
-        "AIRFLOW_CONN_PAPERTRAIL_DEFAULT",
-        json.dumps(
-            {
-                "conn_type": "papertrail",
-                "login": CLIENT_ID,
-                "password": "not-the-secret",
-                "host": emulator.base_url,
-                "extra": {"redirect_uri": REDIRECT_URI, "system": "xero"},
-            }
-        ),
+        "AIRFLOW_CONN_PAPERTRAIL_DEFAULT", emulator_connection(emulator.base_url, password="not-the-secret")
     )
     ok, message = hook.test_connection()
     assert not ok and "client rejected" in message and "not-the-secret" not in message

@@ -29,6 +29,7 @@ from airflow_papertrail.testing.emulator import (
     EmulatorClient,
     PapertrailEmulator,
 )
+from tests.waiting import wait_until
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
@@ -1036,9 +1037,7 @@ def test_stop_is_not_held_by_a_delayed_request(emu: PapertrailEmulator) -> None:
 
     thread = threading.Thread(target=slow)
     thread.start()
-    deadline = time.monotonic() + TIMEOUT
-    while emu.stats["faults_served"] == 0 and time.monotonic() < deadline:
-        time.sleep(0.01)
+    wait_until(lambda: emu.stats["faults_served"], timeout=TIMEOUT, interval=0.01, message="the delayed request")
     started = time.monotonic()
     emu.stop()
     thread.join(TIMEOUT)
