@@ -309,9 +309,19 @@ def cmd_demo(args: argparse.Namespace) -> int:
     procs: list[subprocess.Popen] = []
     logs = ROOT / ".demo"
 
-    def record_groups() -> None:
-        # Every process the demo starts leads its own process group (start_new_session): the
-        # groups are listed here so tests (and people) can check nothing outlived the demo.
+    def spawn(cmd: list[str], proc_env: dict[str, str], log_name: str) -> None:
+        """Start a long-running process in its own process group, its output in .demo/<log_name>."""
+        procs.append(
+            subprocess.Popen(
+                cmd,
+                cwd=ROOT,
+                env=proc_env,
+                stdout=(logs / log_name).open("w"),
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        )
+        # Every group is listed so tests (and people) can check nothing outlived the demo.
         (logs / "process-groups").write_text("".join(f"{proc.pid}\n" for proc in procs))
 
     def group_alive(pgid: int) -> bool:
@@ -341,27 +351,21 @@ def cmd_demo(args: argparse.Namespace) -> int:
         if service is None:
             say(f"starting the Papertrail-ai emulator on 127.0.0.1:{emulator_port}")
             emu_env = dict(env, PAPERTRAIL_EMULATOR_CLIENT_SECRET=client_secret)
-            procs.append(
-                subprocess.Popen(
-                    [
-                        str(VENV / BIN / "papertrail-emulator"),
-                        "--host",
-                        "127.0.0.1",
-                        "--port",
-                        str(emulator_port),
-                        "--client-id",
-                        client_id,
-                        "--redirect-uri",
-                        redirect_uri,
-                    ],
-                    cwd=ROOT,
-                    env=emu_env,
-                    stdout=(logs / "emulator.log").open("w"),
-                    stderr=subprocess.STDOUT,
-                    start_new_session=True,
-                )
+            spawn(
+                [
+                    str(VENV / BIN / "papertrail-emulator"),
+                    "--host",
+                    "127.0.0.1",
+                    "--port",
+                    str(emulator_port),
+                    "--client-id",
+                    client_id,
+                    "--redirect-uri",
+                    redirect_uri,
+                ],
+                emu_env,
+                "emulator.log",
             )
-            record_groups()
         else:
             say(f"using Papertrail-ai at {service_url} as client {client_id!r} (no emulator)")
         say("migrating the Airflow metadata DB (SQLite)")
@@ -380,25 +384,22 @@ def cmd_demo(args: argparse.Namespace) -> int:
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )
-        subprocess.run(
-            ["airflow", "connections", "add", "papertrail_default", "--conn-json", json.dumps(conn)],
-            cwd=ROOT,
-            env=env,
-            check=True,
-            stdout=subprocess.DEVNULL,
-        )
-        say(f"starting Airflow (standalone) on {base}; logs in .demo/airflow.log")
-        procs.append(
-            subprocess.Popen(
-                ["airflow", "standalone"],
+        # Through a 0600 file, not --conn-json: the client secret must not show in the process list.
+        conn_file = logs / "connection.json"
+        conn_file.touch(mode=0o600)
+        conn_file.write_text(json.dumps({"papertrail_default": conn}))
+        try:
+            subprocess.run(
+                ["airflow", "connections", "import", str(conn_file)],
                 cwd=ROOT,
                 env=env,
-                stdout=(logs / "airflow.log").open("w"),
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
+                check=True,
+                stdout=subprocess.DEVNULL,
             )
-        )
-        record_groups()
+        finally:
+            conn_file.unlink()
+        say(f"starting Airflow (standalone) on {base}; logs in .demo/airflow.log")
+        spawn(["airflow", "standalone"], env, "airflow.log")
         _wait(f"{base}/api/v2/monitor/health", time.monotonic() + args.timeout, procs)
         if service is None:
             _wait(f"{service_url}/healthz", time.monotonic() + 30, procs)
