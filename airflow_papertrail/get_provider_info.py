@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from airflow_papertrail import __version__
+
 SYSTEMS = ["freeagent", "freshbooks", "quickbooks", "sage_sa", "sage_uk", "xero", "zoho"]
 
 
@@ -105,7 +107,7 @@ def get_provider_info() -> dict[str, Any]:
         "name": "Papertrail-ai",
         "description": "`Papertrail-ai <https://www.papertrail-ai.com>`__ accounting API (Xero, QuickBooks, Sage, "
         "Zoho, FreshBooks, FreeAgent) over OAuth 2 authorization code, with encrypted token custody.",
-        "versions": ["0.1.0"],
+        "versions": [__version__],
         "integrations": [
             {
                 "integration-name": "Papertrail-ai",

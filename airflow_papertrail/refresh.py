@@ -212,14 +212,22 @@ def coordinator_url() -> str | None:
     explicit = conf.get(CONFIG_SECTION, "coordinator_url", fallback=None)
     if explicit:
         return str(explicit)
+    return api_server_url(COORDINATOR_PATH)
+
+
+def api_server_url(path: str) -> str | None:
+    """``path`` on the api-server this worker talks to, from ``[core] execution_api_server_url``
+    (``http://host:8080/execution/`` + ``/papertrail/token`` -> ``http://host:8080/papertrail/token``)."""
+    from airflow.sdk import conf
+
     execution = conf.get("core", "execution_api_server_url", fallback=None)
     if not execution:
         return None
     parts = urlsplit(str(execution))
-    path = parts.path.rstrip("/")
-    if path.endswith("/execution"):
-        path = path[: -len("/execution")]
-    return urlunsplit((parts.scheme, parts.netloc, path + COORDINATOR_PATH, "", ""))
+    base = parts.path.rstrip("/")
+    if base.endswith("/execution"):
+        base = base[: -len("/execution")]
+    return urlunsplit((parts.scheme, parts.netloc, base + path, "", ""))
 
 
 def get_valid_token(hook: PapertrailHook, *, force_refresh: bool = False) -> Token:

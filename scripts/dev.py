@@ -6,6 +6,7 @@
                                    # then the compat suite on the newest Airflow 3.2.x and the
                                    # unit suite on the other supported Pythons found here
     python3 scripts/dev.py compat  # only the compat suite (unit, dag.test, real-triggerer E2E)
+    python3 scripts/dev.py build   # wheel + sdist into dist/, checked by twine
 
 Needs only Python 3.10-3.13 and pip: uv is installed into .tools/ when it is not on PATH,
 then ``uv sync --locked`` builds .venv/ (bytecode compiled) from the lock file. The compat
@@ -203,6 +204,33 @@ def cmd_test(args: argparse.Namespace) -> int:
         say("FAILED: " + ", ".join(failures))
         return 1
     say("all checks passed")
+    return 0
+
+
+DIST = ROOT / "dist"
+
+
+def build_dists(out_dir: Path = DIST, env: dict[str, str] | None = None) -> list[Path]:
+    """Build the wheel and the sdist into ``out_dir`` (emptied first) and run ``twine check`` on them."""
+    env = env or bootstrap()
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    subprocess.run([find_uv(), "build", "--quiet", "--out-dir", str(out_dir), str(ROOT)], cwd=ROOT, env=env, check=True)
+    dists = sorted(out_dir.glob("*.whl")) + sorted(out_dir.glob("*.tar.gz"))
+    if len(dists) != 2:
+        raise SystemExit(f"expected one wheel and one sdist in {out_dir}, found {[p.name for p in dists]}")
+    subprocess.run(
+        [str(VENV / BIN / "python"), "-m", "twine", "check", "--strict", *map(str, dists)],
+        cwd=ROOT,
+        env=env,
+        check=True,
+    )
+    return dists
+
+
+def cmd_build(args: argparse.Namespace) -> int:
+    for path in build_dists(Path(args.out_dir).resolve()):
+        print(path)
     return 0
 
 
@@ -469,6 +497,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     test.add_argument("pytest_args", nargs="*", help="extra pytest arguments (after --)")
     test.set_defaults(func=cmd_test)
+    build = sub.add_parser("build", help="build the wheel and the sdist into dist/ and run twine check on them")
+    build.add_argument("--out-dir", default=str(DIST), help="where to put them (emptied first; default dist/)")
+    build.set_defaults(func=cmd_build)
     compat = sub.add_parser("compat", help="unit, dag.test and real-triggerer suites on the newest Airflow 3.2.x")
     compat.add_argument("pytest_args", nargs="*", help="pytest arguments instead of the default test paths")
     compat.set_defaults(func=cmd_compat)

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import logging
 import time
 from functools import cached_property
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from airflow.sdk import BaseHook
@@ -28,6 +30,8 @@ if TYPE_CHECKING:
     from airflow_papertrail.token_store import StoredGrant
 
 CONN_TYPE = "papertrail"
+
+log = logging.getLogger(__name__)
 
 #: Extra fields of the connection form (also declared in ``get_provider_info``).
 EXTRA_FIELDS = (
@@ -249,11 +253,23 @@ class PapertrailHook(BaseHook):
         accepted, ``invalid_client``/401 = rejected) and reports the stored grant's state.
         Never raises, never uses a stored code or refresh token.
         """
+        ok, message = self._test_connection()
+        (log.info if ok else log.warning)("Papertrail-ai connection %r: %s", self.papertrail_conn_id, message)
+        if ok and _run_by_connections_test_cli():
+            # ``airflow connections test`` prints only "Connection success!" on success and silences
+            # every log unless --verbose: print the credential check and the grant state ourselves.
+            print(f"Papertrail-ai connection {self.papertrail_conn_id!r}: {message}", flush=True)
+        return ok, message
+
+    def _test_connection(self) -> tuple[bool, str]:
         try:
             config = config_from_connection(self.connection)
             problems = config.problems(need_redirect_uri=True)
         except Exception as exc:
-            return False, f"Connection {self.papertrail_conn_id!r} cannot be read: {_safe(exc)}"
+            return (
+                False,
+                f"Connection {self.papertrail_conn_id!r} cannot be read: {_safe(exc)}{_outside_task_hint(exc)}",
+            )
         if problems:
             return False, "Configuration problems: " + "; ".join(problems) + "."
         try:
@@ -281,10 +297,39 @@ class PapertrailHook(BaseHook):
 
 
 def _safe(exc: BaseException) -> str:
-    # Our own errors never carry secrets; for anything else show only the type.
+    # Our own errors never carry secrets, and Airflow's "not found" names only the conn_id;
+    # for anything else show only the type.
     if isinstance(exc, PapertrailError):
         return str(exc)
+    if _is_not_found(exc):
+        return f"{type(exc).__name__}: {exc}"
     return type(exc).__name__
+
+
+def _is_not_found(exc: BaseException) -> bool:
+    from airflow.exceptions import AirflowNotFoundException
+
+    return isinstance(exc, AirflowNotFoundException)
+
+
+def _run_by_connections_test_cli() -> bool:
+    """True in ``airflow connections test <conn_id>`` (which shows a test's message only on failure)."""
+    import sys
+
+    return Path(sys.argv[0]).name == "airflow" and sys.argv[1:3] == ["connections", "test"]
+
+
+def _outside_task_hint(exc: BaseException) -> str:
+    """Why a connection that exists is "not found" in a plain Python shell (Airflow 3's Task SDK)."""
+    import os
+
+    if not _is_not_found(exc) or os.environ.get("_AIRFLOW_PROCESS_CONTEXT") == "server":
+        return ""
+    return (
+        ". Outside a running task, Airflow 3 reads connections only from AIRFLOW_CONN_* environment variables "
+        "and secrets backends, not from the metadata database: test it with `airflow connections test "
+        "<conn_id>` (needs [core] test_connection = Enabled) or the Test button in the UI, or inside a task"
+    )
 
 
 __all__ = ["CLIENT_AUTH_METHODS", "PapertrailHook", "config_from_connection"]

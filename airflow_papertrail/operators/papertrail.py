@@ -15,6 +15,11 @@ if TYPE_CHECKING:
 
     from airflow.sdk import Context
 
+#: The api-server's health route, asked whether a triggerer runs (public in Airflow 3).
+HEALTH_PATH = "/api/v2/monitor/health"
+#: Seconds the authorize task waits for the api-server's health answer (the check is only a hint).
+TRIGGERER_CHECK_TIMEOUT = 3.0
+
 
 class PapertrailAuthorizeOperator(BaseOperator):
     """Start the OAuth 2 authorization-code grant and hand the consent link to a person.
@@ -75,6 +80,7 @@ class PapertrailAuthorizeOperator(BaseOperator):
             task_id=getattr(ti, "task_id", None),
         )
         AuthorizationStore(on_secret=mask).save(pending)
+        self._warn_without_triggerer()
         expires = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(pending.expires_at))
         self.log.info(
             "Open this link and approve access for connection %r (valid until %s):\n\n    %s\n",
@@ -93,6 +99,36 @@ class PapertrailAuthorizeOperator(BaseOperator):
             "conn_id": self.papertrail_conn_id,
             "expires_at": pending.expires_at,
         }
+
+    def _warn_without_triggerer(self) -> None:
+        """Best effort, never fatal: warn when the api-server reports no healthy triggerer.
+
+        The consent wait defers by default; without a running ``airflow triggerer`` it never
+        notices the consent and nothing else would say why.
+        """
+        import requests
+
+        from airflow_papertrail.refresh import api_server_url
+
+        url = api_server_url(HEALTH_PATH)
+        if url is None:
+            return
+        try:
+            response = requests.get(url, timeout=TRIGGERER_CHECK_TIMEOUT, allow_redirects=False)
+            status = (response.json().get("triggerer") or {}).get("status") if response.ok else None
+        except Exception as exc:  # the check must never fail the task
+            self.log.debug("Could not check the triggerer's health at %s: %s", url, type(exc).__name__)
+            return
+        if not response.ok:
+            self.log.debug("Could not check the triggerer's health at %s: HTTP %s", url, response.status_code)
+            return
+        if status != "healthy":
+            self.log.warning(
+                "The api-server reports no healthy triggerer (triggerer status: %s). The consent wait "
+                "(PapertrailAuthorizationSensor) defers by default and only a running `airflow triggerer` "
+                "notices the consent: start one, or pass deferrable=False to the sensor.",
+                status or "none",
+            )
 
 
 # The data operators live in their own module (no HTTP imports at DAG-parse time) and are

@@ -488,7 +488,11 @@ class AirflowStack(AirflowApi):
         start_timeout: float = 120.0,
         all_admins: bool = False,
         parallelism: int = 4,
+        bin_dir: Path | str = BIN,
     ) -> None:
+        #: The bin/ of the virtualenv whose ``airflow`` runs the stack (default: this test's venv;
+        #: tests/e2e/test_user_install.py passes a fresh venv with the provider from its wheel).
+        self.bin_dir = Path(bin_dir)
         self.home = Path(home) if home is not None else Path(tempfile.mkdtemp(prefix="airflow-e2e-"))
         self.dags_folder = Path(dags_folder).resolve()
         self.port = free_port()
@@ -519,7 +523,7 @@ class AirflowStack(AirflowApi):
         env = {k: v for k, v in os.environ.items() if not k.startswith(("AIRFLOW", "_AIRFLOW", "PYTEST_"))}
         home = str(self.home)
         env.update(
-            PATH=f"{BIN}{os.pathsep}{env.get('PATH', '')}",
+            PATH=f"{self.bin_dir}{os.pathsep}{env.get('PATH', '')}",
             PYTHONUNBUFFERED="1",
             NO_COLOR="1",
             AIRFLOW_HOME=home,
@@ -612,7 +616,7 @@ class AirflowStack(AirflowApi):
         try:
             self._write_log(f"harness       | AIRFLOW_HOME={self.home} base_url={self.base_url}\n")
             migrate = subprocess.run(
-                [str(BIN / "airflow"), "db", "migrate"],
+                [str(self.bin_dir / "airflow"), "db", "migrate"],
                 env=self.env,
                 cwd=self.home,
                 stdout=subprocess.PIPE,
@@ -628,7 +632,7 @@ class AirflowStack(AirflowApi):
             self.timings["db_migrate_s"] = time.monotonic() - started
             for name in COMPONENTS:
                 proc = subprocess.Popen(
-                    [str(BIN / "airflow"), name],
+                    [str(self.bin_dir / "airflow"), name],
                     env=self.env,
                     cwd=self.home,
                     stdin=subprocess.DEVNULL,
@@ -726,7 +730,7 @@ class AirflowStack(AirflowApi):
         """Run ``airflow <args>`` against this stack (its env and home). stderr always goes to the
         stack log; stdout too unless ``log_stdout=False`` (for commands that print a secret)."""
         proc = subprocess.run(
-            [str(BIN / "airflow"), *args],
+            [str(self.bin_dir / "airflow"), *args],
             env=self.env,
             cwd=self.home,
             capture_output=True,

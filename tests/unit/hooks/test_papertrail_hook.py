@@ -159,8 +159,24 @@ def test_test_connection_never_raises_on_bad_config(monkeypatch):
 
 
 def test_test_connection_missing_connection(monkeypatch):
+    monkeypatch.delenv("_AIRFLOW_PROCESS_CONTEXT", raising=False)
     ok, message = PapertrailHook("does_not_exist").test_connection()
     assert not ok and "does_not_exist" in message
+    # Airflow's own text is kept (it was reduced to the type name), and the plain-shell case explained.
+    assert "AirflowNotFoundException: The conn_id `does_not_exist` isn't defined" in message
+    assert "Outside a running task" in message and "airflow connections test" in message
+
+
+def test_test_connection_prints_its_message_in_the_connections_test_cli(monkeypatch, emulator, capsys):
+    hook = _hook_with_store(monkeypatch, emulator, None)
+    monkeypatch.setattr("sys.argv", ["/venv/bin/airflow", "connections", "test", "papertrail_default"])
+    ok, message = hook.test_connection()
+    assert ok
+    assert f"Papertrail-ai connection 'papertrail_default': {message}" in capsys.readouterr().out
+
+    monkeypatch.setattr("sys.argv", ["/venv/bin/airflow", "tasks", "test", "x"])
+    hook.test_connection()
+    assert "credentials accepted" not in capsys.readouterr().out  # elsewhere: only the log and the return value
 
 
 def test_invalid_extra_json(monkeypatch):

@@ -51,3 +51,79 @@ def test_success_event_returns_a_summary_without_tokens():
 def test_missing_event_fails():
     with pytest.raises(AirflowFailException):
         PapertrailAuthorizationSensor(task_id="w", authorization_id="x").execute_complete({}, None)
+
+
+class _Health:
+    """A loopback stand-in for the api-server's /api/v2/monitor/health (and nothing else)."""
+
+    def __init__(self, answer: bytes, status: int = 200) -> None:
+        import http.server
+        import threading
+
+        outer = self
+        self.paths: list[str] = []
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self):
+                outer.paths.append(self.path)
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.end_headers()
+                self.wfile.write(answer)
+
+            def log_message(self, *args):
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        self.execution_url = f"http://127.0.0.1:{self.server.server_address[1]}/execution/"
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def _triggerer_warning(monkeypatch, capsys, caplog, answer: bytes, status: int = 200) -> str:
+    health = _Health(answer, status)
+    try:
+        monkeypatch.setenv("AIRFLOW__CORE__EXECUTION_API_SERVER_URL", health.execution_url)
+        PapertrailAuthorizeOperator(task_id="authorize")._warn_without_triggerer()
+        assert health.paths == ["/api/v2/monitor/health"]
+    finally:
+        health.close()
+    return capsys.readouterr().out + caplog.text
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [
+        b'{"triggerer": {"status": "unhealthy", "latest_triggerer_heartbeat": "2026-01-01T00:00:00Z"}}',
+        b'{"triggerer": {"status": null, "latest_triggerer_heartbeat": null}}',
+        b'{"metadatabase": {"status": "healthy"}}',
+    ],
+)
+def test_authorize_warns_when_no_triggerer_is_healthy(monkeypatch, capsys, caplog, answer):
+    shown = _triggerer_warning(monkeypatch, capsys, caplog, answer)
+    assert "no healthy triggerer" in shown and "airflow triggerer" in shown
+
+
+@pytest.mark.parametrize(
+    ("answer", "status"),
+    [
+        (b'{"triggerer": {"status": "healthy"}}', 200),
+        (b"<html>not json</html>", 200),  # a proxy page: say nothing rather than guess
+        (b'{"detail": "oops"}', 500),
+    ],
+)
+def test_authorize_triggerer_check_is_quiet_otherwise(monkeypatch, capsys, caplog, answer, status):
+    assert "no healthy triggerer" not in _triggerer_warning(monkeypatch, capsys, caplog, answer, status)
+
+
+def test_authorize_triggerer_check_never_fails(monkeypatch):
+    import socket
+
+    with socket.socket() as s:  # a port with nothing listening
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    monkeypatch.setenv("AIRFLOW__CORE__EXECUTION_API_SERVER_URL", f"http://127.0.0.1:{port}/execution/")
+    PapertrailAuthorizeOperator(task_id="authorize")._warn_without_triggerer()  # no exception

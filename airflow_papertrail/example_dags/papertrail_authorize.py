@@ -1,0 +1,58 @@
+"""Connect Airflow to a client organisation's books through Papertrail-ai.
+
+Trigger it (optionally with ``conn_id``), open the consent link printed by the
+``authorize`` task (also in its XCom), click Allow: the ``wait_for_consent`` task
+completes the exchange while deferred and ``report_grant`` shows the grant's expiry and
+scopes. Tokens are never printed.
+"""
+
+from __future__ import annotations
+
+import pendulum
+from airflow.sdk import Param, dag, task
+
+from airflow_papertrail.operators.papertrail import PapertrailAuthorizeOperator
+from airflow_papertrail.sensors.papertrail import PapertrailAuthorizationSensor
+
+
+@dag(
+    dag_id="papertrail_authorize",
+    schedule=None,
+    start_date=pendulum.datetime(2024, 1, 1, tz="UTC"),
+    catchup=False,
+    max_active_runs=1,
+    tags=["papertrail"],
+    params={"conn_id": Param("papertrail_default", type="string", description="Papertrail-ai connection to authorize")},
+    doc_md=__doc__,
+)
+def papertrail_authorize():
+    authorize = PapertrailAuthorizeOperator(task_id="authorize", papertrail_conn_id="{{ params.conn_id }}")
+
+    wait = PapertrailAuthorizationSensor(
+        task_id="wait_for_consent",
+        papertrail_conn_id="{{ params.conn_id }}",
+        authorization_id="{{ ti.xcom_pull(task_ids='authorize')['authorization_id'] }}",
+    )
+
+    @task
+    def report_grant(params=None) -> dict:
+        from airflow_papertrail.hooks.papertrail import PapertrailHook
+
+        grant = PapertrailHook(params["conn_id"]).get_stored_grant()
+        if grant is None:
+            raise RuntimeError("no grant stored")
+        expires = pendulum.from_timestamp(grant.token.expires_at).to_iso8601_string()
+        print(
+            f"Grant of {params['conn_id']!r}: generation {grant.generation}, access token valid until {expires}, scope {grant.token.scope!r}"
+        )
+        return {
+            "conn_id": params["conn_id"],
+            "generation": grant.generation,
+            "expires_at": expires,
+            "scope": grant.token.scope,
+        }
+
+    authorize >> wait >> report_grant()
+
+
+papertrail_authorize()
