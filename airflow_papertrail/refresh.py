@@ -71,13 +71,108 @@ class CoordinatorUnavailable(PapertrailError):
     """No api-server plugin answered (nothing was sent, or the route does not exist)."""
 
 
+#: Lost refresh answers in a row after which the grant needs consent again (see
+#: token-custody.md): one may be the server's fault before it rotated (one more try
+#: recovers), two in a row is no longer worth presenting the token for.
+MAX_UNKNOWN_REFRESH_OUTCOMES = 2
+
+USE = "use"
+REFRESH = "refresh"
+
+
 def _unknown_outcome(conn_id: str) -> ReauthorizationRequired:
     return ReauthorizationRequired(
         conn_id,
-        "an earlier refresh reached the server but its answer was lost, so the stored refresh token "
-        "may already have been replaced; it is not presented again (that can revoke the whole grant)",
+        f"{MAX_UNKNOWN_REFRESH_OUTCOMES} refreshes in a row reached the server but their answers were lost, so "
+        "the stored refresh token may have been replaced; it is not presented again",
         error="refresh_outcome_unknown",
     )
+
+
+def plan(grant: StoredGrant, *, seen_generation: int, force: bool, leeway: float, now: float) -> str:
+    """What a caller does with the stored ``grant``: :data:`USE` it or :data:`REFRESH` it.
+
+    The one refresh policy, for the api-server coordinator and the per-machine fallback
+    alike (token-custody.md, "When a token is refreshed"):
+
+    * a generation newer than the one the caller saw, not yet expired, is used: someone
+      refreshed for this caller a moment ago (after a 401 too: the refused token is gone);
+    * otherwise a token is refreshed once it is within ``min(leeway, lifetime / 2)`` of its
+      expiry, or when ``force`` (the server refused it with a 401);
+    * after a lost refresh answer the access token is used until it really expires;
+    * :class:`ReauthorizationRequired` only when the token cannot be used (expired, or
+      refused) and nothing can renew it.
+    """
+    token = grant.token
+    if grant.generation > seen_generation and not token.is_expired(now):
+        return USE
+    if not force and not token.due_for_refresh(leeway, now):
+        return USE
+    unusable = force or token.is_expired(now)
+    if grant.unknown_refresh_outcomes and not unusable:
+        return USE
+    if grant.reauthorization_error is not None:
+        if unusable:
+            raise ReauthorizationRequired(
+                grant.conn_id,
+                grant.reauthorization_reason or "the refresh token was refused",
+                error=grant.reauthorization_error,
+            )
+        return USE
+    if grant.unknown_refresh_outcomes >= MAX_UNKNOWN_REFRESH_OUTCOMES:
+        if unusable:
+            raise _unknown_outcome(grant.conn_id)
+        return USE
+    if not token.refresh_token:
+        if unusable:
+            raise ReauthorizationRequired(grant.conn_id, "the access token expired and the grant has no refresh token")
+        return USE
+    return REFRESH
+
+
+def refresh_grant(
+    grant: StoredGrant,
+    *,
+    client: OAuthClient,
+    store: VariableTokenStore,
+    write: Callable[[StoredGrant], None],
+    force: bool,
+    clock: Callable[[], float] = time.time,
+) -> tuple[StoredGrant, PapertrailError | None]:
+    """Present ``grant``'s refresh token once and record what happened with ``write``.
+
+    Returns the grant to use and, when the caller must fail, the error to raise *after*
+    its serialization (a row lock's transaction) committed what ``write`` recorded.
+    """
+    conn_id = grant.conn_id
+    assert grant.token.refresh_token
+    try:
+        token = client.refresh(grant.token.refresh_token, previous=grant.token)
+    except InvalidGrantError as exc:
+        write(replace(grant, reauthorization_error=exc.error, reauthorization_reason=exc.description or exc.error))
+        return grant, ReauthorizationRequired(conn_id, exc.description, error=exc.error, status=exc.status)
+    except RefreshOutcomeUnknown as exc:
+        marked = replace(grant, unknown_refresh_outcomes=grant.unknown_refresh_outcomes + 1)
+        write(marked)
+        if marked.unknown_refresh_outcomes >= MAX_UNKNOWN_REFRESH_OUTCOMES:
+            return marked, _unknown_outcome(conn_id)
+        if not force and not grant.token.is_expired(clock()):
+            log.warning(
+                "The refresh answer for %r was lost (%s); using the current access token until it expires, then "
+                "presenting the refresh token once more.",
+                conn_id,
+                exc,
+            )
+            return marked, None
+        return marked, TransientOAuthError(
+            f"the answer to the token refresh of {conn_id!r} was lost ({exc}). The grant is kept: retry the task, "
+            "and the next try presents the refresh token once more (only a refusal, or a second lost answer, "
+            "then asks for consent again)"
+        )
+    new = store.next_grant(token, grant)
+    write(new)
+    log.info("Refreshed the Papertrail-ai grant of %r (generation %d).", conn_id, new.generation)
+    return new, None
 
 
 # -- server side (api-server plugin) -----------------------------------------------------------
@@ -93,34 +188,24 @@ def coordinated_refresh(
     clock: Callable[[], float] = time.time,
 ) -> StoredGrant:
     """Refresh the grant of ``conn_id`` at most once per generation, under the row lock."""
-    unknown = False
     with entries.locked(grant_variable_key(conn_id)) as entry:
         if entry.raw is None:
             raise ReauthorizationRequired(conn_id, "no grant is stored for this connection")
         grant = store.decode(entry.raw)
-        expiring = grant.token.expires_within(leeway, clock())
-        if grant.generation > seen_generation and not expiring:
-            return grant  # someone refreshed while this caller waited for the lock
-        if not force and not expiring:
+        if plan(grant, seen_generation=seen_generation, force=force, leeway=leeway, now=clock()) == USE:
             return grant
-        if grant.refresh_outcome_unknown:
-            raise _unknown_outcome(conn_id)
-        if not grant.token.refresh_token:
-            raise ReauthorizationRequired(conn_id, "the access token expired and the grant has no refresh token")
-        try:
-            token = client_factory().refresh(grant.token.refresh_token, previous=grant.token)
-        except InvalidGrantError as exc:
-            raise ReauthorizationRequired(conn_id, exc.description, error=exc.error, status=exc.status) from None
-        except RefreshOutcomeUnknown:
-            entry.write(store.encode(replace(grant, refresh_outcome_unknown=True)))
-            unknown = True  # commit the marker: leave the block normally, raise after
-        else:
-            new = store.next_grant(token, grant)
-            entry.write(store.encode(new))
-            log.info("Refreshed the Papertrail-ai grant of %r (generation %d).", conn_id, new.generation)
-            return new
-    assert unknown
-    raise _unknown_outcome(conn_id)
+        # Leave the block normally so that what was recorded (a new grant, a marker) commits.
+        grant, error = refresh_grant(
+            grant,
+            client=client_factory(),
+            store=store,
+            write=lambda g: entry.write(store.encode(g)),
+            force=force,
+            clock=clock,
+        )
+    if error is not None:
+        raise error
+    return grant
 
 
 def handle_refresh_request(ticket: str, *, entries: EntryAccess) -> tuple[int, dict[str, Any]]:
@@ -238,9 +323,10 @@ def get_valid_token(hook: PapertrailHook, *, force_refresh: bool = False) -> Tok
     stored = hook.token_store.load()
     if stored is None:
         raise ReauthorizationRequired(conn_id, "no grant is stored for this connection")
-    if stored.refresh_outcome_unknown:
-        raise _unknown_outcome(conn_id)
-    if not force_refresh and not stored.token.expires_within(hook.config.leeway, time.time()):
+    decision = plan(
+        stored, seen_generation=stored.generation, force=force_refresh, leeway=hook.config.leeway, now=time.time()
+    )
+    if decision == USE:
         return stored.token
     mode = str(conf.get(CONFIG_SECTION, "refresh_coordinator", fallback="auto") or "auto").lower()
     if mode not in ("auto", "api-server", "local"):
@@ -364,18 +450,12 @@ def _locally(hook: PapertrailHook, seen: StoredGrant, force: bool) -> Token:
         stored = hook.token_store.load()
         if stored is None:
             raise ReauthorizationRequired(conn_id, "no grant is stored for this connection")
-        if stored.refresh_outcome_unknown:
-            raise _unknown_outcome(conn_id)
-        expiring = stored.token.expires_within(hook.config.leeway, time.time())
-        if (stored.generation > seen.generation or not force) and not expiring:
+        now = time.time()
+        if plan(stored, seen_generation=seen.generation, force=force, leeway=hook.config.leeway, now=now) == USE:
             return stored.token
-        if not stored.token.refresh_token:
-            raise ReauthorizationRequired(conn_id, "the access token expired and the grant has no refresh token")
-        try:
-            token = hook.oauth_client.refresh(stored.token.refresh_token, previous=stored.token)
-        except InvalidGrantError as exc:
-            raise ReauthorizationRequired(conn_id, exc.description, error=exc.error, status=exc.status) from None
-        except RefreshOutcomeUnknown:
-            hook.token_store.mark_refresh_outcome_unknown(stored)
-            raise _unknown_outcome(conn_id) from None
-        return hook.token_store.save(token, based_on=stored).token
+        grant, error = refresh_grant(
+            stored, client=hook.oauth_client, store=hook.token_store, write=hook.token_store.write, force=force
+        )
+    if error is not None:
+        raise error
+    return grant.token

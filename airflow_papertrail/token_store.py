@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
 from airflow_papertrail.exceptions import TokenStoreError, TokenWriteVerificationError
@@ -84,20 +84,38 @@ class StoredGrant:
     token: Token
     generation: int
     updated_at: float
-    #: Set when a refresh request may have reached the server but its answer was lost: the
-    #: stored refresh token may already be rotated, so it must not be presented again.
-    refresh_outcome_unknown: bool = False
+    #: Refreshes in a row that may have reached the server but whose answer was lost (a
+    #: timeout, a 5xx, an unreadable 2xx). One is survivable: the access token is used until
+    #: it expires, then the same refresh token is presented once more; at two the grant needs
+    #: consent again (token-custody.md, "A lost refresh answer").
+    unknown_refresh_outcomes: int = 0
+    #: Set once the server refused the refresh token (``invalid_grant``): the OAuth error and
+    #: its safe description. The access token is still used until it expires; nothing is
+    #: presented again.
+    reauthorization_error: str | None = None
+    reauthorization_reason: str | None = None
+
+    @property
+    def refresh_outcome_unknown(self) -> bool:
+        """Whether the last refresh's answer was lost (the refresh token may be rotated)."""
+        return self.unknown_refresh_outcomes > 0
 
     def __repr__(self) -> str:
         return f"StoredGrant(conn_id={self.conn_id!r}, generation={self.generation}, token={self.token!r})"
 
     def to_payload(self) -> dict[str, Any]:
-        return {
+        payload: dict[str, Any] = {
             "token": self.token.to_dict(),
             "generation": self.generation,
             "updated_at": self.updated_at,
+            "unknown_refresh_outcomes": self.unknown_refresh_outcomes,
+            # Read by releases before 0.1.0's lost-answer policy: they refuse such a grant (safe).
             "refresh_outcome_unknown": self.refresh_outcome_unknown,
         }
+        if self.reauthorization_error is not None:
+            payload["reauthorization_error"] = self.reauthorization_error
+            payload["reauthorization_reason"] = self.reauthorization_reason
+        return payload
 
 
 class VariableTokenStore:
@@ -150,7 +168,11 @@ class VariableTokenStore:
                 token=Token.from_dict(payload["token"]),
                 generation=int(payload["generation"]),
                 updated_at=float(payload["updated_at"]),
-                refresh_outcome_unknown=bool(payload.get("refresh_outcome_unknown", False)),
+                unknown_refresh_outcomes=int(
+                    payload.get("unknown_refresh_outcomes", 1 if payload.get("refresh_outcome_unknown") else 0)
+                ),
+                reauthorization_error=payload.get("reauthorization_error"),
+                reauthorization_reason=payload.get("reauthorization_reason"),
             )
         except (KeyError, TypeError, ValueError):
             raise TokenStoreError(
@@ -191,9 +213,9 @@ class VariableTokenStore:
         )
         return grant
 
-    def mark_refresh_outcome_unknown(self, grant: StoredGrant) -> None:
-        """Record that ``grant``'s refresh token may have been rotated by a refresh whose answer was lost."""
-        self._write_verified(self.encode(replace(grant, refresh_outcome_unknown=True)))
+    def write(self, grant: StoredGrant) -> None:
+        """Store ``grant`` as it is (custody metadata changed, same generation), verified."""
+        self._write_verified(self.encode(grant))
 
     def _write_verified(self, envelope: str) -> None:
         description = (

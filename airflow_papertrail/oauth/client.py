@@ -158,7 +158,14 @@ class OAuthClient:
         self.protect(refresh_token)
         form = {"grant_type": "refresh_token", "refresh_token": refresh_token}
         status, payload = self._post(form, "refresh", self.retry_policy.for_refresh(), refresh=True)
-        token = Token.from_response(payload, now=self.clock(), previous=previous, status=status)
+        try:
+            token = Token.from_response(payload, now=self.clock(), previous=previous, status=status)
+        except OAuthError as exc:
+            # A 2xx we cannot use may still have rotated the refresh token at the server.
+            raise RefreshOutcomeUnknown(
+                f"the token endpoint answered HTTP {status} to a refresh but the answer is unusable ({exc.description}); "
+                "the refresh token may or may not have been rotated, so it is not replayed automatically"
+            ) from None
         self.protect(*token.secrets)
         return token
 
@@ -244,8 +251,7 @@ class OAuthClient:
             if refresh and not _never_sent(exc):
                 raise RefreshOutcomeUnknown(
                     f"the refresh request to {url} may have reached the server but no answer arrived ({what}); "
-                    "it is not replayed because the server may already have rotated the refresh token. "
-                    "Re-read the stored grant before trying again."
+                    "it is not replayed automatically because the server may already have rotated the refresh token"
                 ) from None
             raise TransientOAuthError(
                 f"could not reach the Papertrail-ai token endpoint {url} after retries ({what}); "
@@ -261,6 +267,11 @@ class OAuthClient:
             payload = None
         if 200 <= status < 300:
             if payload is None:
+                if refresh:
+                    raise RefreshOutcomeUnknown(
+                        f"the token endpoint answered HTTP {status} to a refresh, but not with JSON; the refresh token "
+                        "may or may not have been rotated, so it is not replayed automatically"
+                    )
                 raise OAuthError("invalid_response", "the token endpoint did not answer JSON", status)
             return status, payload
         error = payload.get("error") if isinstance(payload, dict) else None
@@ -268,10 +279,10 @@ class OAuthClient:
         if status == 429 or status >= 500:
             retry_after = response.headers.get("Retry-After")
             hint = f"; the server asked to wait {sanitize_description(retry_after, 40)} s" if retry_after else ""
-            if refresh and status in (502, 504):
+            if refresh and status >= 500:
                 raise RefreshOutcomeUnknown(
                     f"the token endpoint answered HTTP {status} to a refresh; the refresh token may or may not "
-                    "have been rotated, so it is not replayed. Re-read the stored grant before trying again."
+                    "have been rotated, so it is not replayed automatically"
                 )
             raise TransientOAuthError(
                 f"the Papertrail-ai token endpoint is unavailable (HTTP {status}) after retries{hint}; retry later",

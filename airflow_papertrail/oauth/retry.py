@@ -5,10 +5,12 @@ Built on urllib3's :class:`~urllib3.util.retry.Retry` (no hand-written loops):
 * connection errors (the request never left): always retried, bounded;
 * 429 and 503: retried, honouring ``Retry-After`` up to ``max_retry_after`` seconds (a
   longer wait is not slept through: the call fails fast and says when to come back);
-* 500: an answer, so the server did not complete the request: retried, refreshes included;
-* 502/504 and lost responses (read errors/timeouts): retried only where a replay is
-  harmless: the code exchange and read queries, never a refresh (the upstream may already
-  have rotated the token) nor a write (no duplicate invoices).
+* 500, 502, 504 and lost responses (read errors/timeouts): retried only where a replay is
+  harmless: the code exchange and read queries, never a refresh (the server, or a gateway's
+  upstream, may already have rotated the token: the caller's lost-answer policy decides,
+  see refresh.py) nor a write (no duplicate invoices);
+* a refresh is re-sent automatically only after a connection error or a 429, the two
+  answers that prove the server did not process it.
 """
 
 from __future__ import annotations
@@ -25,9 +27,10 @@ if TYPE_CHECKING:
 
 RETRY_AFTER_STATUSES = frozenset({429, 503})
 TRANSIENT_STATUSES = frozenset({429, 500, 502, 503, 504})
-#: Answers to a refresh that prove the server did not complete it. 502 and 504 come from a
-#: gateway whose upstream may have processed the request: those are "outcome unknown".
-REFRESH_RETRY_STATUSES = frozenset({429, 500, 503})
+#: Answers to a refresh that prove the server did not process it. Any 5xx may come after
+#: the rotation (a crash after the commit, a gateway whose upstream processed it): those are
+#: "outcome unknown" and never re-sent by urllib3.
+REFRESH_RETRY_STATUSES = frozenset({429})
 
 
 class CappedRetry(Retry):
@@ -103,7 +106,7 @@ class RetryPolicy:
         return self._retry(statuses=TRANSIENT_STATUSES, read=self.total)
 
     def for_refresh(self) -> CappedRetry:
-        """Only what certainly did not rotate the token: connection errors, 429, 500 and 503."""
+        """Only what certainly did not rotate the token: connection errors and 429."""
         return self._retry(statuses=REFRESH_RETRY_STATUSES, read=0)
 
     def for_write(self) -> CappedRetry:

@@ -41,6 +41,24 @@ class Token:
         """True when the access token is expired or will be within ``seconds``."""
         return self.expires_at - seconds <= now
 
+    @property
+    def lifetime(self) -> float:
+        """Seconds the server gave this access token (``expires_at - obtained_at``)."""
+        return max(0.0, self.expires_at - self.obtained_at)
+
+    def refresh_leeway(self, leeway: float) -> float:
+        """The effective leeway: ``min(leeway, lifetime / 2)``.
+
+        A token is refreshed ``leeway`` seconds before it expires, but never before half its
+        lifetime has passed: with 5-minute (Sage) or 60-second tokens a 120 s leeway would
+        otherwise make every fresh token look "expiring" and every caller refresh again.
+        """
+        return max(0.0, min(leeway, self.lifetime / 2))
+
+    def due_for_refresh(self, leeway: float, now: float) -> bool:
+        """True once the token is within its effective leeway (:meth:`refresh_leeway`) of expiry."""
+        return self.expires_within(self.refresh_leeway(leeway), now)
+
     def is_expired(self, now: float) -> bool:
         return self.expires_at <= now
 
@@ -125,6 +143,9 @@ def _parse_expires_in(value: Any) -> float | None:
         seconds = float(value)
     except (TypeError, ValueError):
         return None
-    if not math.isfinite(seconds) or seconds < 0:
+    if not math.isfinite(seconds) or seconds <= 0:
+        # 0 (or less) says nothing usable: a token that is dead on arrival cannot be what the
+        # server meant. Treated like a missing expires_in (ASSUMED_EXPIRES_IN, expiry_assumed),
+        # so a 401 forces one refresh instead of every call refreshing (token-custody.md).
         return None
     return seconds

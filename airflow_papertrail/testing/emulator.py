@@ -279,6 +279,7 @@ class _Fault:
     drop_after_processing: bool
     body: dict[str, Any] | str | bytes | None
     remaining: int
+    after_processing: bool = False
 
 
 @dataclass
@@ -868,7 +869,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             if fault.drop:
                 self._drop()
                 return
-            if fault.status is not None:
+            if fault.status is not None and not fault.after_processing:
                 self._send(emulator._fault_response(endpoint, fault))
                 return
         if emulator._stopping.is_set():
@@ -883,6 +884,9 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             _close_body(response)
             self._drop()
             return
+        if fault is not None and fault.after_processing:
+            _close_body(response)
+            response = emulator._fault_response(endpoint, fault)
         self._send(response)
 
     def _send(self, response: _Response) -> None:
@@ -1158,6 +1162,7 @@ class PapertrailEmulator:
         drop_after_processing: bool = False,
         body: dict[str, Any] | str | bytes | None = None,
         times: int = 1,
+        after_processing: bool = False,
     ) -> None:
         """Queue a fault for the next ``times`` requests to ``endpoint``; faults are served FIFO.
 
@@ -1174,6 +1179,9 @@ class PapertrailEmulator:
         :param body: JSON object, or raw ``str``/``bytes`` served as ``text/html`` (e.g. a
             proxy's error page), for ``status`` faults.
         :param times: how many consecutive requests this fault applies to.
+        :param after_processing: with ``status``: process the request fully first (rotate a
+            refresh token, record a write), then answer ``status``/``body`` instead of the
+            real answer (a 500 after rotation, an unparseable 200).
         """
         if endpoint not in FAULT_ENDPOINTS:
             raise ValueError(f"endpoint must be one of {FAULT_ENDPOINTS}")
@@ -1191,9 +1199,11 @@ class PapertrailEmulator:
             raise ValueError("choose one of status, drop and drop_after_processing")
         if body is not None and status is None:
             raise ValueError("body is only used with status")
+        if after_processing and status is None:
+            raise ValueError("after_processing is only used with status")
         if status is None and not drop and not drop_after_processing and delay == 0:
             raise ValueError("this fault would do nothing")
-        fault = _Fault(status, retry_after, float(delay), drop, drop_after_processing, body, times)
+        fault = _Fault(status, retry_after, float(delay), drop, drop_after_processing, body, times, after_processing)
         with self._lock:
             self._faults[endpoint].append(fault)
 

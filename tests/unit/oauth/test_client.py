@@ -171,17 +171,30 @@ def test_refresh_timeout_is_outcome_unknown(emulator):
     assert emulator.stats["grants_revoked"] == 0
 
 
-def test_refresh_500_and_503_are_retried_but_504_is_outcome_unknown(emulator):
+def test_refresh_only_429_is_resent_every_5xx_is_outcome_unknown(emulator):
     client = _client(emulator)
     token = client.exchange_code(_code(emulator))
-    emulator.inject("token", status=503, retry_after=0)
-    emulator.inject("token", status=500)
+    emulator.inject("token", status=429, retry_after=0)  # refused before processing: re-sent by urllib3
     token = client.refresh(token.refresh_token, previous=token)
-    assert emulator.stats["faults_served"] == 2
-    emulator.inject("token", status=504)
-    with pytest.raises(RefreshOutcomeUnknown):
-        client.refresh(token.refresh_token, previous=token)
+    assert emulator.stats["faults_served"] == 1
+    for status in (500, 502, 503, 504):  # may come after the rotation: sent once, never re-posted
+        emulator.inject("token", status=status)
+        before = emulator.stats["token_requests"]
+        with pytest.raises(RefreshOutcomeUnknown, match=f"HTTP {status}"):
+            client.refresh(token.refresh_token, previous=token)
+        assert emulator.stats["token_requests"] == before + 1
     assert emulator.stats["grants_revoked"] == 0
+
+
+def test_refresh_answered_2xx_but_unusable_is_outcome_unknown(emulator):
+    client = _client(emulator)
+    token = client.exchange_code(_code(emulator))
+    emulator.inject("token", status=200, body="<br/>Notice: undefined index", after_processing=True)
+    with pytest.raises(RefreshOutcomeUnknown, match="not with JSON"):
+        client.refresh(token.refresh_token, previous=token)
+    emulator.inject("token", status=200, body={"token_type": "Bearer"}, after_processing=True)
+    with pytest.raises(RefreshOutcomeUnknown, match="no access_token"):
+        client.refresh(token.refresh_token, previous=token)
 
 
 def test_refresh_token_reuse_is_invalid_grant(emulator):
