@@ -129,6 +129,10 @@ class TokenDecryptionError(TokenStoreError):
     """The stored envelope cannot be decrypted (wrong key, corrupted, or foreign)."""
 
 
+class TokenKeyMismatch(TokenDecryptionError):
+    """No configured key opens the envelope (wrong or rotated-out key, or a corrupted ciphertext)."""
+
+
 class TokenWriteVerificationError(TokenStoreError):
     """A token was written but reading it back gave something else (apache/airflow#68537)."""
 

@@ -149,9 +149,11 @@ def get_provider_info() -> dict[str, Any]:
                         "sensitive": True,
                     },
                     "refresh_coordinator": {
-                        "description": "Who serializes token refreshes: 'auto' (the api-server plugin when "
-                        "reachable, else one refresh at a time per machine), 'api-server' (required; workers fail "
-                        "rather than refresh alone) or 'local' (per machine only: single-machine setups).",
+                        "description": "Who serializes token refreshes: 'auto' (the api-server plugin; one "
+                        "refresh at a time per machine only when no coordinator can exist: the connection is "
+                        "refused, or the api-server has no such route, as under dag.test()), 'api-server' "
+                        "(required; workers fail rather than refresh alone) or 'local' (per machine only: "
+                        "single-machine setups).",
                         "version_added": "0.1.0",
                         "type": "string",
                         "example": "api-server",

@@ -25,8 +25,10 @@ presenting a token that could revoke the whole grant.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import logging
 import os
+import secrets
 import tempfile
 import threading
 import time
@@ -43,7 +45,7 @@ from airflow_papertrail.exceptions import (
     RefreshOutcomeUnknown,
     TransientOAuthError,
 )
-from airflow_papertrail.oauth.envelope import TicketError, open_ticket, seal_ticket
+from airflow_papertrail.oauth.envelope import StaleTicket, TicketError, open_ticket, seal_ticket
 from airflow_papertrail.oauth.tokens import Token
 from airflow_papertrail.token_store import CONFIG_SECTION, grant_variable_key
 
@@ -65,6 +67,14 @@ RESPONSE_PURPOSE = "papertrail-refresh-response"
 COORDINATOR_PATH = "/papertrail/token"
 #: The worker waits longer than the api-server's own token call (including its retries).
 COORDINATOR_TIMEOUT = 180.0
+#: Seconds a request ticket is accepted (it is opened on arrival, before any lock wait).
+REQUEST_TICKET_TTL = 60
+#: Seconds an answer ticket is accepted (the refresh itself can take that long).
+RESPONSE_TICKET_TTL = 300
+#: Starlette's own answers when the api-server has no such route (no plugin loaded): the only
+#: non-coordinator answers that prove nothing can be refreshing there (POST on the UI's GET
+#: catch-all gives 405). A proxy's or load balancer's page proves nothing of the kind.
+NO_ROUTE_ANSWERS = {404: {"detail": "Not Found"}, 405: {"detail": "Method Not Allowed"}}
 
 
 class CoordinatorUnavailable(PapertrailError):
@@ -219,10 +229,13 @@ def handle_refresh_request(ticket: str, *, entries: EntryAccess) -> tuple[int, d
         except EncryptionKeyMissing as exc:  # no ticket can be opened: say so, never blame the worker's keys
             return _misconfigured(str(exc))
         try:
-            request = open_ticket(cipher, REQUEST_PURPOSE, ticket, ttl=60)
+            request = open_ticket(cipher, REQUEST_PURPOSE, ticket, ttl=REQUEST_TICKET_TTL)
             conn_id = str(request["conn_id"])
             seen_generation = int(request["seen_generation"])
             force = bool(request.get("force"))
+            nonce = request.get("nonce")
+        except StaleTicket:
+            return 401, {"error": "stale_ticket", "message": f"the refresh ticket is older than {REQUEST_TICKET_TTL} s"}
         except (TicketError, KeyError, TypeError, ValueError):
             return 401, {"error": "invalid_ticket", "message": "not a valid refresh ticket for these encryption keys"}
         try:
@@ -247,6 +260,7 @@ def handle_refresh_request(ticket: str, *, entries: EntryAccess) -> tuple[int, d
         )
         answer = {
             "conn_id": conn_id,
+            "nonce": nonce,  # binds the answer to its request (the worker checks it)
             "generation": grant.generation,
             "access_token": grant.token.access_token,
             "token_type": grant.token.token_type,
@@ -358,8 +372,11 @@ def _via_api_server(hook: PapertrailHook, stored: StoredGrant, force: bool) -> T
     if not url:
         raise CoordinatorUnavailable("neither [papertrail] coordinator_url nor [core] execution_api_server_url is set")
     cipher = hook.token_store.cipher
+    nonce = secrets.token_urlsafe(16)
     ticket = seal_ticket(
-        cipher, REQUEST_PURPOSE, {"conn_id": conn_id, "seen_generation": stored.generation, "force": force}
+        cipher,
+        REQUEST_PURPOSE,
+        {"conn_id": conn_id, "seen_generation": stored.generation, "force": force, "nonce": nonce},
     )
     try:
         response = requests.post(url, json={"ticket": ticket}, timeout=(5, COORDINATOR_TIMEOUT), allow_redirects=False)
@@ -372,11 +389,19 @@ def _via_api_server(hook: PapertrailHook, stored: StoredGrant, force: bool) -> T
             f"the api-server's refresh coordinator did not answer ({type(exc).__name__}); the refresh, if it "
             "started, completes there and is stored: retry the task"
         ) from None
-    if response.status_code == 404 or not response.headers.get("content-type", "").startswith("application/json"):
+    body = _json_object(response)
+    if body is not None and NO_ROUTE_ANSWERS.get(response.status_code) == body:
         raise CoordinatorUnavailable(f"{url} has no Papertrail-ai refresh route (HTTP {response.status_code})")
-    body = response.json()
-    if not isinstance(body, dict):
-        raise CoordinatorUnavailable(f"{url} has no Papertrail-ai refresh route (HTTP {response.status_code})")
+    if body is None or not ({"ticket", "error"} & body.keys()):
+        # A proxy's error page (502/504 while the api-server may be presenting the refresh token
+        # right now), a plain-text 500, the UI: never a reason to refresh here beside it.
+        content_type = response.headers.get("content-type", "no content type").split(";")[0]
+        raise TransientOAuthError(
+            f"the refresh coordinator at {url} answered HTTP {response.status_code} ({content_type}) without a "
+            "Papertrail-ai answer, e.g. a proxy's error page or timeout. Nothing was refreshed on this machine (the "
+            "api-server may be refreshing right now): retry the task; if it persists, check the proxy and the "
+            "api-server log, or point [papertrail] coordinator_url at the api-server"
+        )
     if body.get("error") == SERVER_MISCONFIGURED:
         raise PapertrailConfigurationError(
             "the api-server cannot refresh Papertrail-ai tokens because of its own configuration: "
@@ -386,11 +411,15 @@ def _via_api_server(hook: PapertrailHook, stored: StoredGrant, force: bool) -> T
         )
     if response.status_code == 409:
         raise ReauthorizationRequired(conn_id, str(body.get("message", "")))
+    if response.status_code == 401 and body.get("error") == "stale_ticket":
+        raise TransientOAuthError(
+            f"the api-server received our refresh ticket more than {REQUEST_TICKET_TTL} s after it was made (a slow "
+            "network or proxy, or the clocks of this worker and the api-server differ); retry the task"
+        )
     if response.status_code == 401:
         raise PapertrailConfigurationError(
             "the api-server refused our refresh ticket: [papertrail] token_encryption_keys differ between this "
-            "worker and the api-server (or their clocks differ by more than a minute); set the same keys on every "
-            "Airflow component"
+            "worker and the api-server; set the same keys on every Airflow component"
         )
     if response.status_code != 200:
         raise TransientOAuthError(
@@ -398,14 +427,25 @@ def _via_api_server(hook: PapertrailHook, stored: StoredGrant, force: bool) -> T
             "the api-server log has the details; retry the task once the cause is fixed"
         )
     try:
-        answer = open_ticket(cipher, RESPONSE_PURPOSE, str(body["ticket"]), ttl=300)
+        answer = open_ticket(cipher, RESPONSE_PURPOSE, str(body["ticket"]), ttl=RESPONSE_TICKET_TTL)
+    except StaleTicket:
+        raise TransientOAuthError(
+            f"the api-server's refresh answer is older than {RESPONSE_TICKET_TTL} s (the refresh or the network was "
+            "slow, or the clocks of this worker and the api-server differ); retry the task: the refreshed grant is "
+            "stored"
+        ) from None
     except (TicketError, KeyError):
         raise PapertrailConfigurationError(
             "the api-server's refresh answer cannot be read with this worker's [papertrail] token_encryption_keys "
-            "(the api-server encrypts with a key this worker lacks, e.g. half-way through a key rotation, or the "
-            "clocks of this worker and the api-server differ by more than a minute); set the same keys, in the "
-            "same order, on every Airflow component"
+            "(the api-server encrypts with a key this worker lacks, e.g. half-way through a key rotation); set the "
+            "same keys, in the same order, on every Airflow component"
         ) from None
+    if answer.get("nonce") != nonce or answer.get("conn_id") != conn_id:
+        raise TransientOAuthError(
+            f"the refresh coordinator's answer does not answer this request (another request's or another "
+            f"connection's answer) and was refused; retry the task. If it persists, something between this worker "
+            f"and {url} replays answers"
+        )
     mask(answer["access_token"])
     # Read back: the new grant must be what the store holds now (or something newer).
     current = hook.token_store.load()
@@ -424,6 +464,17 @@ def _via_api_server(hook: PapertrailHook, stored: StoredGrant, force: bool) -> T
     )
 
 
+def _json_object(response: Any) -> dict[str, Any] | None:
+    """The answer's JSON object, or None for anything else (HTML, text, a JSON list, bad JSON)."""
+    if not response.headers.get("content-type", "").startswith("application/json"):
+        return None
+    try:
+        body = response.json()
+    except ValueError:
+        return None
+    return body if isinstance(body, dict) else None
+
+
 _THREAD_LOCKS: dict[str, threading.Lock] = {}
 _THREAD_LOCKS_GUARD = threading.Lock()
 
@@ -435,7 +486,9 @@ def _machine_lock(conn_id: str) -> Iterator[None]:
 
     with _THREAD_LOCKS_GUARD:
         lock = _THREAD_LOCKS.setdefault(conn_id, threading.Lock())
-    path = os.path.join(tempfile.gettempdir(), f"airflow-papertrail-refresh-{conn_id}.lock")
+    # Named from a hash: a conn_id may hold "/" or anything else a file name cannot.
+    digest = hashlib.sha256(conn_id.encode("utf-8")).hexdigest()[:32]
+    path = os.path.join(tempfile.gettempdir(), f"airflow-papertrail-refresh-{digest}.lock")
     with lock, open(path, "a+") as handle:
         fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
         try:

@@ -129,6 +129,13 @@ class OAuthClientConfig:
             )
         elif self.redirect_uri:
             problems.extend(check_url("redirect_uri", self.redirect_uri))
+            path = urlsplit(self.redirect_uri).path
+            if path.endswith("/papertrail/callback/"):
+                problems.append(
+                    f"redirect_uri {self.redirect_uri!r} ends with a slash, but the callback route is "
+                    f"{path.rstrip('/')!r}: register and set the URI without the trailing slash (the route never "
+                    "redirects, since the redirect would carry the authorization code)"
+                )
         if need_redirect_uri and not self.system:
             problems.append(
                 "system is missing: set the connection extra 'system' to the accounting system to connect "

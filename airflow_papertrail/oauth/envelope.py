@@ -16,7 +16,7 @@ from typing import Any
 
 from cryptography.fernet import Fernet, InvalidToken, MultiFernet
 
-from airflow_papertrail.exceptions import EncryptionKeyMissing, TokenDecryptionError
+from airflow_papertrail.exceptions import EncryptionKeyMissing, TokenDecryptionError, TokenKeyMismatch
 
 ENVELOPE_VERSION = 1
 
@@ -82,7 +82,7 @@ class TokenCipher:
         try:
             inner = json.loads(self._fernet.decrypt(str(outer["ciphertext"]).encode("ascii")))
         except (InvalidToken, UnicodeEncodeError, ValueError):
-            raise TokenDecryptionError(
+            raise TokenKeyMismatch(
                 f"{label} cannot be decrypted with any key in [papertrail] token_encryption_keys (wrong or rotated-out "
                 "key, or corrupted value); it was left untouched. Add the key it was written with to the list, "
                 "or re-run the papertrail_authorize DAG."
@@ -112,6 +112,10 @@ class TicketError(Exception):
     """A coordinator ticket is forged, expired, or for another purpose."""
 
 
+class StaleTicket(TicketError):
+    """A genuine ticket (our keys made it) that is older than the receiver accepts."""
+
+
 def seal_ticket(cipher: TokenCipher, purpose: str, payload: dict[str, Any]) -> str:
     """A short-lived authenticated message between our own components (worker <-> api-server).
 
@@ -123,10 +127,16 @@ def seal_ticket(cipher: TokenCipher, purpose: str, payload: dict[str, Any]) -> s
 
 
 def open_ticket(cipher: TokenCipher, purpose: str, ticket: str, *, ttl: int = 60) -> dict[str, Any]:
+    """The payload of ``ticket``; :class:`StaleTicket` when it is genuine but older than ``ttl`` s."""
     try:
-        body = json.loads(cipher._fernet.decrypt(ticket.encode("ascii"), ttl=ttl))
+        raw = ticket.encode("ascii")
+        body = json.loads(cipher._fernet.decrypt(raw, ttl=ttl))
     except (InvalidToken, UnicodeEncodeError, ValueError, TypeError):
-        raise TicketError("invalid or expired ticket") from None
+        try:
+            cipher._fernet.decrypt(ticket.encode("ascii"))  # genuine, only too old?
+        except (InvalidToken, UnicodeEncodeError, ValueError, TypeError, AttributeError):
+            raise TicketError("invalid ticket") from None
+        raise StaleTicket(f"ticket older than {ttl} s") from None
     if not isinstance(body, dict) or body.get("purpose") != purpose or not isinstance(body.get("payload"), dict):
         raise TicketError("ticket for another purpose")
     return body["payload"]

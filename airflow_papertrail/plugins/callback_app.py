@@ -11,6 +11,7 @@ that log.
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 import time
@@ -27,7 +28,7 @@ from airflow_papertrail.authorization import (
     check_state,
     pending_variable_key,
 )
-from airflow_papertrail.exceptions import PapertrailError
+from airflow_papertrail.exceptions import EncryptionKeyMissing, PapertrailError, TokenKeyMismatch
 from airflow_papertrail.plugins.locking import EntryAccess, OrmEntryAccess
 from airflow_papertrail.plugins.pages import SECURITY_HEADERS, render
 
@@ -145,6 +146,14 @@ def handle_callback(
                     "re-run the papertrail_authorize DAG in Airflow to get a new link.",
                 )
             iss = params.get("iss")
+            if pending.expected_issuer and iss is None:
+                # RFC 9207 2.4: a client that expects an issuer refuses an answer without one.
+                raise CallbackError(
+                    400,
+                    "Missing issuer",
+                    "This answer does not say which authorization server sent it (no iss parameter, RFC "
+                    "9207), but the connection expects one. Nothing was recorded.",
+                )
             if iss is not None and pending.expected_issuer and iss != pending.expected_issuer:
                 raise CallbackError(
                     400,
@@ -187,6 +196,19 @@ def handle_callback(
             )
     except CallbackError as exc:
         return exc.status, exc.title, exc.message, False
+    except (EncryptionKeyMissing, TokenKeyMismatch) as exc:
+        # The entry was found by the state's hash, so it is ours: if it cannot be opened, the
+        # api-server's keys are missing or differ from the worker's. "Start a new authorization"
+        # would fail the same way every time; say what is wrong instead.
+        log.error("Papertrail-ai callback: the api-server is misconfigured: %s", exc)
+        return (
+            503,
+            "Airflow is not configured for this",
+            "Airflow's api-server cannot open this authorization: its Papertrail-ai encryption keys are "
+            "not configured, or differ from the other Airflow components' ([papertrail] token_encryption_keys). "
+            "Nothing was recorded. Tell your Airflow administrator; the api-server log has the details.",
+            False,
+        )
     except PapertrailError as exc:
         log.warning("Papertrail-ai callback refused: %s", exc)
         return (
@@ -208,7 +230,11 @@ def handle_callback(
 
 def create_app(*, entries: EntryAccess | None = None, store: AuthorizationStore | None = None) -> FastAPI:
     """The FastAPI sub-application; nothing touches the DB or config until a request arrives."""
-    app = FastAPI(title="Papertrail-ai OAuth callback", docs_url=None, redoc_url=None, openapi_url=None)
+    # redirect_slashes=False: Starlette would answer /callback/?code=... with a redirect whose
+    # Location (and access-log line) carries the code, before any route could scrub it.
+    app = FastAPI(
+        title="Papertrail-ai OAuth callback", docs_url=None, redoc_url=None, openapi_url=None, redirect_slashes=False
+    )
     router = APIRouter()
     state: dict[str, object] = {}
 
@@ -231,16 +257,68 @@ def create_app(*, entries: EntryAccess | None = None, store: AuthorizationStore 
         return HTMLResponse(render(title, message, ok=ok), status_code=status, headers=SECURITY_HEADERS)
 
     @router.post("/token", include_in_schema=False)
-    def token(request_body: dict[str, object]) -> JSONResponse:
-        """Refresh coordinator for our own workers (authenticated by a Fernet ticket, see refresh.py)."""
+    async def token(request: Request) -> JSONResponse:
+        """Refresh coordinator for our own workers (authenticated by a Fernet ticket, see refresh.py).
+
+        The body is read up to MAX_TOKEN_BODY_BYTES before anything parses it; the blocking
+        work (DB, token endpoint) runs on a worker thread.
+        """
+        from starlette.concurrency import run_in_threadpool
+
         from airflow_papertrail.refresh import handle_refresh_request
 
+        raw = await _read_limited(request, MAX_TOKEN_BODY_BYTES)
+        if raw is None:
+            return _token_answer(413, {"error": "invalid_request", "message": "body too large"})
+        try:
+            request_body = json.loads(raw)
+        except ValueError:
+            return _token_answer(400, {"error": "invalid_request", "message": "the body is not JSON"})
+        ticket = request_body.get("ticket") if isinstance(request_body, dict) else None
+        if not isinstance(ticket, str) or len(ticket) > MAX_TICKET_CHARS:
+            return _token_answer(401, {"error": "invalid_ticket"})
         entry_access, _ = deps()
-        ticket = request_body.get("ticket")
-        if not isinstance(ticket, str) or len(ticket) > 8192:
-            return JSONResponse({"error": "invalid_ticket"}, status_code=401, headers={"Cache-Control": "no-store"})
-        status, body = handle_refresh_request(ticket, entries=entry_access)
-        return JSONResponse(body, status_code=status, headers={"Cache-Control": "no-store"})
+        status, body = await run_in_threadpool(handle_refresh_request, ticket, entries=entry_access)
+        return _token_answer(status, body)
+
+    @router.get("/callback/", include_in_schema=False)
+    def callback_with_slash(request: Request) -> HTMLResponse:
+        """Never redirect (the Location would carry the code): refuse, scrubbed, like any unknown path."""
+        request.scope["query_string"] = REDACTED_QUERY if request.scope.get("query_string") else b""
+        return HTMLResponse(
+            render(
+                "Wrong address",
+                "This address ends with a slash; the Papertrail-ai callback is /papertrail/callback. Nothing was "
+                "recorded: register the redirect URI without the trailing slash and start a new authorization.",
+                ok=False,
+            ),
+            status_code=404,
+            headers=SECURITY_HEADERS,
+        )
 
     app.include_router(router)
     return app
+
+
+#: The refresh coordinator's request is one small JSON object holding one ticket.
+MAX_TOKEN_BODY_BYTES = 16 * 1024
+MAX_TICKET_CHARS = 8192
+
+
+async def _read_limited(request: Request, limit: int) -> bytes | None:
+    """The request body, or None as soon as it is longer than ``limit`` bytes (never read whole)."""
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        return None
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            return None
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _token_answer(status: int, body: dict[str, object]) -> JSONResponse:
+    return JSONResponse(body, status_code=status, headers={"Cache-Control": "no-store"})

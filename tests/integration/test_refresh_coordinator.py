@@ -12,7 +12,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 from fastapi.testclient import TestClient
 
-from airflow_papertrail.exceptions import PapertrailConfigurationError
+from airflow_papertrail.exceptions import PapertrailConfigurationError, TransientOAuthError
 from airflow_papertrail.hooks.papertrail import PapertrailHook
 from airflow_papertrail.oauth import OAuthClient, OAuthClientConfig
 from airflow_papertrail.oauth.envelope import open_ticket, seal_ticket
@@ -198,3 +198,127 @@ def test_worker_names_the_api_server_misconfiguration(plugin_server, monkeypatch
     assert "no token encryption key is configured" in message and "Fix this on the api-server" in message
     assert "differ" not in message  # the keys do not differ; the api-server has none
     assert emulator.stats["refresh_grants"] == 0
+
+
+class _FakeCoordinator:
+    """A loopback server standing where the coordinator should be (a proxy, an old api-server...)."""
+
+    def __init__(self, answer) -> None:
+        import http.server
+
+        outer = self
+        self.requests: list[dict] = []
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_POST(self):
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                outer.requests.append(body)
+                status, content_type, payload = answer(body)
+                self.send_response(status)
+                self.send_header("Content-Type", content_type)
+                self.send_header("Content-Length", str(len(payload)))
+                self.end_headers()
+                self.wfile.write(payload)
+
+            def log_message(self, *args):
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/papertrail/token"
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+PROXY_PAGES = [
+    pytest.param(502, "text/html", b"<html><body><h1>502 Bad Gateway</h1>nginx</body></html>", id="nginx-502"),
+    pytest.param(504, "text/html", b"<html><body><h1>504 Gateway Time-out</h1></body></html>", id="nginx-504"),
+    pytest.param(503, "text/html", b"<html>Service Unavailable</html>", id="lb-503"),
+    pytest.param(500, "text/plain; charset=utf-8", b"Internal Server Error", id="starlette-500"),
+    pytest.param(404, "text/html", b"<html>404 Not Found</html>", id="proxy-404-page"),
+    pytest.param(200, "text/html", b"<html>the Airflow UI</html>", id="ui-page"),
+]
+
+
+@pytest.mark.parametrize(("status", "content_type", "payload"), PROXY_PAGES)
+def test_an_answer_that_is_not_the_coordinators_never_falls_back_to_a_local_refresh(
+    grant, monkeypatch, status, content_type, payload
+):
+    """Behind a proxy, a 502/504 page can mean the api-server is presenting the same refresh token right now."""
+    emulator, store, stored, _ = grant
+    fake = _FakeCoordinator(lambda body: (status, content_type, payload))
+    try:
+        monkeypatch.setenv("AIRFLOW__PAPERTRAIL__COORDINATOR_URL", fake.url)
+        monkeypatch.setenv("AIRFLOW__PAPERTRAIL__REFRESH_COORDINATOR", "auto")
+        with pytest.raises(TransientOAuthError, match=f"HTTP {status}") as err:
+            get_valid_token(PapertrailHook(CONN))
+        assert "retry the task" in str(err.value)
+        assert len(fake.requests) == 1
+    finally:
+        fake.close()
+    assert emulator.stats["refresh_grants"] == 0  # no local refresh beside the coordinator's
+    assert store.load().generation == stored.generation
+
+
+@pytest.mark.parametrize(
+    ("status", "payload"), [(404, b'{"detail":"Not Found"}'), (405, b'{"detail":"Method Not Allowed"}')]
+)
+def test_an_api_server_without_the_route_falls_back_in_auto_mode(grant, monkeypatch, status, payload):
+    emulator, store, stored, _ = grant
+    fake = _FakeCoordinator(lambda body: (status, "application/json", payload))
+    try:
+        monkeypatch.setenv("AIRFLOW__PAPERTRAIL__COORDINATOR_URL", fake.url)
+        monkeypatch.setenv("AIRFLOW__PAPERTRAIL__REFRESH_COORDINATOR", "auto")
+        get_valid_token(PapertrailHook(CONN))
+    finally:
+        fake.close()
+    assert emulator.stats["refresh_grants"] == 1  # Starlette's own "no such route": refreshed here
+    assert store.load().generation == stored.generation + 1
+
+
+def test_an_answer_for_another_request_is_refused(grant, monkeypatch):
+    emulator, store, stored, _ = grant
+    cipher = load_cipher()
+    foreign = seal_ticket(
+        cipher,
+        RESPONSE_PURPOSE,
+        {
+            "conn_id": CONN,
+            "nonce": "someone-elses-request",
+            "generation": stored.generation,
+            "access_token": "a" * 24,
+            "token_type": "Bearer",
+            "expires_at": time.time() + 3600,
+            "obtained_at": time.time(),
+            "scope": None,
+        },
+    )
+    fake = _FakeCoordinator(lambda body: (200, "application/json", json.dumps({"ticket": foreign}).encode()))
+    try:
+        monkeypatch.setenv("AIRFLOW__PAPERTRAIL__COORDINATOR_URL", fake.url)
+        with pytest.raises(TransientOAuthError, match="does not answer this request"):
+            get_valid_token(PapertrailHook(CONN))
+        request = open_ticket(cipher, REQUEST_PURPOSE, fake.requests[0]["ticket"])
+        assert len(request["nonce"]) >= 22  # every request carries its own nonce
+    finally:
+        fake.close()
+
+
+def test_the_route_echoes_the_nonce_and_a_stale_ticket_is_not_a_key_mismatch(grant):
+    emulator, store, stored, _ = grant
+    cipher = load_cipher()
+    client = TestClient(create_app())
+    ticket = seal_ticket(
+        cipher, REQUEST_PURPOSE, {"conn_id": CONN, "seen_generation": stored.generation, "nonce": "n" * 22}
+    )
+    response = client.post("/token", json={"ticket": ticket})
+    assert response.status_code == 200
+    assert open_ticket(cipher, RESPONSE_PURPOSE, response.json()["ticket"])["nonce"] == "n" * 22
+    old = cipher._fernet.encrypt_at_time(
+        json.dumps({"purpose": REQUEST_PURPOSE, "payload": {"conn_id": CONN, "seen_generation": 1}}).encode(),
+        int(time.time()) - 600,
+    ).decode()
+    response = client.post("/token", json={"ticket": old})
+    assert (response.status_code, response.json()["error"]) == (401, "stale_ticket")

@@ -44,8 +44,12 @@ def test_design_lists_every_field_of_a_stored_grant():
 
 
 def test_design_states_the_ticket_lifetimes_the_code_uses():
+    from airflow_papertrail import refresh
+
     code = (PACKAGE / "refresh.py").read_text(encoding="utf-8")
-    ttls = {int(t) for t in re.findall(r"open_ticket\([^\n]*?ttl=(\d+)", code)}
+    used = set(re.findall(r"open_ticket\([^\n]*?ttl=([A-Z_]+)", code))
+    assert used == {"REQUEST_TICKET_TTL", "RESPONSE_TICKET_TTL"}
+    ttls = {refresh.REQUEST_TICKET_TTL, refresh.RESPONSE_TICKET_TTL}
     assert ttls == {60, 300}  # request ticket, answer ticket
     refresh = _bullet(
         (DOCS / "design.md").read_text(encoding="utf-8"), "Refresh, serialized across processes and machines"

@@ -66,7 +66,10 @@ INTERNAL = {
     ("api/client.py", "is not JSON serializable"): "same encoder fallback",
     ("api/jsonstream.py", "feed() after close"): "RecordStream misuse; DataClient never feeds after close()",
     ("oauth/config.py", "must not contain a query string, got"): "check_url(allow_query=False) has no caller",
-    ("oauth/envelope.py", "invalid or expired ticket"): "TicketError, always caught (refresh.py)",
+    ("oauth/envelope.py", "invalid ticket"): "TicketError, always caught (refresh.py)",
+    ("oauth/envelope.py", "ticket older than"): "StaleTicket, always caught (refresh.py)",
+    ("refresh.py", "stale_ticket"): "route answer; the worker shows its own stale-ticket message",
+    ("refresh.py", "the refresh ticket is older than"): "route answer; the worker shows its own stale-ticket message",
     ("oauth/envelope.py", "ticket for another purpose"): "TicketError, always caught (refresh.py)",
     ("authorization.py", "waiting for consent"): "the 'keep waiting' outcome, never shown",
 }

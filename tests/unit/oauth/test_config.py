@@ -105,3 +105,17 @@ def test_unknown_system_is_a_warning_not_an_error():
     assert system_warnings("xero") == ()
     assert "wave" in system_warnings("wave")[0]
     assert OAuthClientConfig(**{**GOOD, "system": "wave"}).problems() == []
+
+
+def test_redirect_uri_with_a_trailing_slash_is_refused():
+    from airflow_papertrail.oauth import OAuthClientConfig
+
+    config = OAuthClientConfig(
+        client_id="c", client_secret="s" * 12, redirect_uri="https://a.example.com/papertrail/callback/", system="xero"
+    )
+    problems = " ".join(config.problems())
+    assert "ends with a slash" in problems and "'/papertrail/callback'" in problems
+    ok = OAuthClientConfig(
+        client_id="c", client_secret="s" * 12, redirect_uri="https://a.example.com/papertrail/callback", system="xero"
+    )
+    assert ok.problems() == []

@@ -114,7 +114,13 @@ def test_access_denied_is_recorded_as_final_outcome(env):
     client, store, _, _, new_pending = env
     pending = new_pending()
     response = _get(
-        client, {"error": "access_denied", "error_description": "The user denied access", "state": pending.state}
+        client,
+        {
+            "error": "access_denied",
+            "error_description": "The user denied access",
+            "state": pending.state,
+            "iss": CONFIG.issuer,
+        },
     )
     assert response.status_code == 200
     assert "Access not granted" in response.text
@@ -220,7 +226,7 @@ def test_query_string_is_scrubbed_before_the_access_log_reads_it(env):
     outer.mount("/papertrail", client.app)
     wrapped = TestClient(spy(outer))
     code = "SECRETCODE" + "z" * 20
-    response = wrapped.get(f"/papertrail/callback?code={code}&state={pending.state}")
+    response = wrapped.get(f"/papertrail/callback?code={code}&state={pending.state}&iss={CONFIG.issuer}")
     assert response.status_code == 200
     assert seen["query"] == REDACTED_QUERY
     assert code.encode() not in seen["query"]
@@ -254,3 +260,92 @@ def test_fuzz_never_500_and_never_writes(env, query):
     assert response.status_code < 500
     assert backend.values == before
     assert entries.writes == writes
+
+
+def test_a_callback_without_iss_is_refused_when_an_issuer_is_expected(env):
+    """RFC 9207 2.4: with an expected issuer, a missing iss is refused, not only a wrong one."""
+    client, store, backend, _, new_pending = env
+    pending = new_pending()
+    before = dict(backend.values)
+    response = _get(client, {"code": "abc", "state": pending.state})
+    assert response.status_code == 400 and "Missing issuer" in response.text
+    assert backend.values == before and store.load(pending.authorization_id).status == PENDING
+    ok = _get(client, {"code": "abc", "state": pending.state, "iss": CONFIG.issuer})
+    assert ok.status_code == 200
+
+
+def test_trailing_slash_callback_never_redirects_with_the_code(env):
+    """Starlette's slash redirect answered before the route: code and state went to the access log and Location."""
+    client, _, backend, _, new_pending = env
+    pending = new_pending()
+    seen = {}
+
+    def spy(app):
+        async def middleware(scope, receive, send):
+            async def capture(message):
+                if message["type"] == "http.response.start":
+                    seen["headers"] = dict(message.get("headers") or [])
+                await send(message)
+
+            await app(scope, receive, capture)
+            seen["query"] = scope.get("query_string")
+
+        return middleware
+
+    from fastapi import FastAPI
+
+    outer = FastAPI()
+    outer.mount("/papertrail", client.app)
+    wrapped = TestClient(spy(outer), follow_redirects=False)
+    code = "SLASHCODE" + "q" * 20
+    before = dict(backend.values)
+    response = wrapped.get(f"/papertrail/callback/?code={code}&state={pending.state}&iss={CONFIG.issuer}")
+    assert response.status_code == 404, response.headers
+    assert b"location" not in seen["headers"]
+    assert code.encode() not in seen["query"] and pending.state.encode() not in seen["query"]
+    assert code not in response.text and backend.values == before
+
+
+def test_api_server_without_a_key_says_so_on_the_callback_page(env, monkeypatch):
+    client, store, backend, _, new_pending = env
+    pending = new_pending()
+    from airflow_papertrail.exceptions import EncryptionKeyMissing
+
+    def no_key(*args, **kwargs):
+        raise EncryptionKeyMissing("no token encryption key is configured ([papertrail] token_encryption_keys)")
+
+    monkeypatch.setattr(store, "decode", no_key)
+    response = _get(client, {"code": "abc", "state": pending.state, "iss": CONFIG.issuer})
+    assert response.status_code == 503
+    assert "not configured" in response.text and "start a new" not in response.text
+
+
+@pytest.mark.parametrize(
+    ("body", "content_type"),
+    [
+        (b"{not json", "application/json"),
+        (b'["ticket"]', "application/json"),
+        (b'{"ticket": 5}', "application/json"),
+        (b"ticket=x", "application/x-www-form-urlencoded"),
+        (b"", "application/json"),
+    ],
+)
+def test_token_route_refuses_malformed_bodies_without_raising(env, body, content_type):
+    client, *_ = env
+    response = client.post("/token", content=body, headers={"Content-Type": content_type})
+    assert response.status_code in (400, 401), response.text
+    assert response.json()["error"] in ("invalid_request", "invalid_ticket")
+
+
+def test_token_route_limits_the_body_before_parsing(env):
+    client, *_ = env
+    huge = b'{"ticket": "' + b"x" * (2 << 20) + b'"}'
+    response = client.post("/token", content=huge, headers={"Content-Type": "application/json"})
+    assert response.status_code == 413 and response.json()["error"] == "invalid_request"
+
+    def chunks():  # no Content-Length: the limit holds for a streamed body too
+        for _ in range(64):
+            yield b"x" * 65536
+
+    response = client.post("/token", content=chunks(), headers={"Content-Type": "application/json"})
+    assert response.status_code == 413
