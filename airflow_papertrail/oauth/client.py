@@ -13,6 +13,7 @@ from urllib.parse import quote
 
 import requests
 from requests.adapters import HTTPAdapter
+from requests.auth import AuthBase
 from urllib3.exceptions import ConnectTimeoutError, NewConnectionError
 
 from airflow_papertrail.exceptions import (
@@ -61,6 +62,19 @@ def _never_sent(exc: BaseException) -> bool:
         nxt = next((a for a in args if isinstance(a, BaseException)), None)
         cur = nxt or cur.__cause__ or cur.__context__
     return False
+
+
+class _HeaderAuth(AuthBase):
+    """Sets the client authentication headers (or none): the presence of an auth object stops
+    requests from replacing them with ``~/.netrc`` credentials."""
+
+    def __init__(self, headers: dict[str, str]) -> None:
+        self.headers = headers
+
+    def __call__(self, request: requests.PreparedRequest) -> requests.PreparedRequest:
+        request.headers.pop("Authorization", None)
+        request.headers.update(self.headers)
+        return request
 
 
 @dataclass(frozen=True)
@@ -236,7 +250,9 @@ class OAuthClient:
             response = session.post(
                 url,
                 data=form,
-                headers=headers,
+                # Given as an auth object, never as a plain header: with trust_env, requests would
+                # otherwise apply ~/.netrc credentials for the token host on top of ours.
+                auth=_HeaderAuth(headers),
                 timeout=self.config.timeout,
                 verify=self.config.verify,
                 allow_redirects=False,

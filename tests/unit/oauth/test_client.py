@@ -296,3 +296,17 @@ def test_probe_unreachable():
 
 def test_fake_secret_values_are_remembered_for_the_canary():
     remember_secrets("wrong-secret-value")
+
+
+@pytest.mark.parametrize("method", ["client_secret_post", "client_secret_basic"])
+def test_netrc_never_replaces_the_client_credentials(emulator, method, tmp_path, monkeypatch):
+    """requests applies ~/.netrc when no auth is given (trust_env): it would overwrite our Basic header."""
+    netrc = tmp_path / ".netrc"
+    netrc.write_text("machine 127.0.0.1 login intruder password not-the-client-secret\n")
+    netrc.chmod(0o600)
+    monkeypatch.setenv("NETRC", str(netrc))
+    monkeypatch.setenv("HOME", str(tmp_path))
+    client = _client(emulator, client_auth_method=method)
+    token = client.exchange_code(_code(emulator))  # invalid_client if the netrc login were sent
+    client.refresh(token.refresh_token, previous=token)
+    assert emulator.stats["invalid_client_errors"] == 0
