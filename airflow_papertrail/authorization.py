@@ -337,15 +337,16 @@ def failure_outcome(conn_id: str, exc: Exception) -> Outcome:
     )
 
 
-def store_grant(conn_id: str, token: Token, grants: VariableTokenStore) -> Outcome:
-    """Store a freshly obtained grant as the connection's newest generation."""
+def store_grant(conn_id: str, token: Token, grants: VariableTokenStore, *, issued_for: dict[str, str]) -> Outcome:
+    """Store a freshly obtained grant as the connection's newest generation, bound to
+    ``issued_for`` (``OAuthClientConfig.binding()`` of the client that obtained it)."""
     try:
         previous = grants.load()
     except PapertrailError as exc:
         # The person just approved access again: the new grant replaces an unreadable one.
         log.warning("Replacing the unreadable stored grant of connection %r: %s", conn_id, exc)
         previous = None
-    return summarize_grant(conn_id, grants.save(token, based_on=previous))
+    return summarize_grant(conn_id, grants.save(token, based_on=previous, issued_for=issued_for))
 
 
 def redeem(
@@ -368,4 +369,4 @@ def redeem(
         )
     except (OAuthError, TransientOAuthError) as exc:
         return failure_outcome(pending.conn_id, exc)
-    return store_grant(pending.conn_id, token, grants)
+    return store_grant(pending.conn_id, token, grants, issued_for=client.config.binding())

@@ -54,6 +54,7 @@ if TYPE_CHECKING:
 
     from airflow_papertrail.hooks.papertrail import PapertrailHook
     from airflow_papertrail.oauth.client import OAuthClient
+    from airflow_papertrail.oauth.config import OAuthClientConfig
     from airflow_papertrail.plugins.locking import EntryAccess
     from airflow_papertrail.token_store import StoredGrant, VariableTokenStore
 
@@ -179,10 +180,30 @@ def refresh_grant(
             "and the next try presents the refresh token once more (only a refusal, or a second lost answer, "
             "then asks for consent again)"
         )
-    new = store.next_grant(token, grant)
+    new = store.next_grant(token, grant, issued_for=grant.issued_for or client.config.binding())
     write(new)
     log.info("Refreshed the Papertrail-ai grant of %r (generation %d).", conn_id, new.generation)
     return new, None
+
+
+def check_binding(grant: StoredGrant, config: OAuthClientConfig) -> None:
+    """Refuse to use ``grant`` with endpoints or a client it was not issued for.
+
+    Its refresh token (with the client secret) only ever goes to the token URL of the
+    consent, its access token only to the data-API origin of the consent.
+    """
+    if grant.issued_for is None:  # stored before grants were bound: bound at its next refresh
+        return
+    current = config.binding()
+    changed = [name for name in ("client_id", "token_url", "api_origin") if grant.issued_for.get(name) != current[name]]
+    if changed:
+        raise ReauthorizationRequired(
+            grant.conn_id,
+            f"the connection's {', '.join(changed)} changed since consent, so its tokens are not sent to the new "
+            "endpoints or client: re-authorize the connection (run the papertrail_authorize DAG), or restore the "
+            "previous values",
+            error="endpoints_changed",
+        )
 
 
 # -- server side (api-server plugin) -----------------------------------------------------------
@@ -194,7 +215,7 @@ def coordinated_refresh(
     entries: EntryAccess,
     store: VariableTokenStore,
     client_factory: Callable[[], OAuthClient],
-    leeway: float,
+    config: OAuthClientConfig,
     clock: Callable[[], float] = time.time,
 ) -> StoredGrant:
     """Refresh the grant of ``conn_id`` at most once per generation, under the row lock."""
@@ -202,7 +223,8 @@ def coordinated_refresh(
         if entry.raw is None:
             raise ReauthorizationRequired(conn_id, "no grant is stored for this connection")
         grant = store.decode(entry.raw)
-        if plan(grant, seen_generation=seen_generation, force=force, leeway=leeway, now=clock()) == USE:
+        check_binding(grant, config)
+        if plan(grant, seen_generation=seen_generation, force=force, leeway=config.leeway, now=clock()) == USE:
             return grant
         # Leave the block normally so that what was recorded (a new grant, a marker) commits.
         grant, error = refresh_grant(
@@ -256,7 +278,7 @@ def handle_refresh_request(ticket: str, *, entries: EntryAccess) -> tuple[int, d
             entries=entries,
             store=store,
             client_factory=client,
-            leeway=config.leeway,
+            config=config,
         )
         answer = {
             "conn_id": conn_id,
@@ -337,6 +359,7 @@ def get_valid_token(hook: PapertrailHook, *, force_refresh: bool = False) -> Tok
     stored = hook.token_store.load()
     if stored is None:
         raise ReauthorizationRequired(conn_id, "no grant is stored for this connection")
+    check_binding(stored, hook.config)  # before any token goes anywhere (data API or refresh)
     decision = plan(
         stored, seen_generation=stored.generation, force=force_refresh, leeway=hook.config.leeway, now=time.time()
     )
@@ -503,6 +526,7 @@ def _locally(hook: PapertrailHook, seen: StoredGrant, force: bool) -> Token:
         stored = hook.token_store.load()
         if stored is None:
             raise ReauthorizationRequired(conn_id, "no grant is stored for this connection")
+        check_binding(stored, hook.config)
         now = time.time()
         if plan(stored, seen_generation=seen.generation, force=force, leeway=hook.config.leeway, now=now) == USE:
             return stored.token

@@ -94,6 +94,9 @@ class StoredGrant:
     #: presented again.
     reauthorization_error: str | None = None
     reauthorization_reason: str | None = None
+    #: ``OAuthClientConfig.binding()`` at consent: client ID, token URL and data-API origin the
+    #: grant was issued for (None for grants stored before 0.1.0 bound them).
+    issued_for: dict[str, str] | None = None
 
     @property
     def refresh_outcome_unknown(self) -> bool:
@@ -112,6 +115,8 @@ class StoredGrant:
             # Read by releases before 0.1.0's lost-answer policy: they refuse such a grant (safe).
             "refresh_outcome_unknown": self.refresh_outcome_unknown,
         }
+        if self.issued_for is not None:
+            payload["issued_for"] = dict(self.issued_for)
         if self.reauthorization_error is not None:
             payload["reauthorization_error"] = self.reauthorization_error
             payload["reauthorization_reason"] = self.reauthorization_reason
@@ -173,6 +178,7 @@ class VariableTokenStore:
                 ),
                 reauthorization_error=payload.get("reauthorization_error"),
                 reauthorization_reason=payload.get("reauthorization_reason"),
+                issued_for=_binding_or_none(payload.get("issued_for")),
             )
         except (KeyError, TypeError, ValueError):
             raise TokenStoreError(
@@ -187,21 +193,27 @@ class VariableTokenStore:
     def encode(self, grant: StoredGrant) -> str:
         return self.cipher.seal(GRANT_KIND, self.conn_id, grant.to_payload())
 
-    def next_grant(self, token: Token, based_on: StoredGrant | None) -> StoredGrant:
+    def next_grant(
+        self, token: Token, based_on: StoredGrant | None, *, issued_for: dict[str, str] | None = None
+    ) -> StoredGrant:
+        """The grant after ``based_on``: a refresh keeps its binding, a consent passes a new one."""
         return StoredGrant(
             conn_id=self.conn_id,
             token=token,
             generation=(based_on.generation + 1) if based_on else 1,
             updated_at=self.clock(),
+            issued_for=issued_for if issued_for is not None else (based_on.issued_for if based_on else None),
         )
 
-    def save(self, token: Token, *, based_on: StoredGrant | None = None) -> StoredGrant:
+    def save(
+        self, token: Token, *, based_on: StoredGrant | None = None, issued_for: dict[str, str] | None = None
+    ) -> StoredGrant:
         """Encrypt and store ``token``, then read it back and fail loudly if it differs.
 
         The generation is ``based_on.generation + 1`` (1 for a first grant), so every
         reader can tell a newer grant from an older one.
         """
-        grant = self.next_grant(token, based_on)
+        grant = self.next_grant(token, based_on, issued_for=issued_for)
         envelope = self.encode(grant)
         self._write_verified(envelope)
         log.info(
@@ -256,6 +268,12 @@ class VariableTokenStore:
         self.cipher.open(GRANT_KIND, self.conn_id, raw, where=f"Variable {self.key!r}")  # refuse foreign values
         self._write_verified(self.cipher.rotate(raw))
         return True
+
+
+def _binding_or_none(value: Any) -> dict[str, str] | None:
+    if not isinstance(value, dict):
+        return None
+    return {str(k): str(v) for k, v in value.items()}
 
 
 class OrmVariables:

@@ -103,6 +103,19 @@ class OAuthClientConfig:
         """Directory URL of the data modules; ``api_<module>.php`` is appended to it."""
         return (self.api_url or self.base_url.rstrip("/") + API_PATH).rstrip("/")
 
+    def binding(self) -> dict[str, str]:
+        """What a grant is issued for: the client and the hosts that see its secrets.
+
+        Stored with every grant: if the connection's endpoints are edited after consent, the
+        refresh token, the client secret and the bearer token are never sent to the new ones.
+        """
+        api = urlsplit(self.effective_api_url)
+        return {
+            "client_id": self.client_id,
+            "token_url": self.effective_token_url,
+            "api_origin": f"{api.scheme}://{api.netloc}".lower(),
+        }
+
     @property
     def verify(self) -> str | bool:
         """What ``requests`` gets as ``verify``: TLS is always verified, optionally with a CA bundle."""

@@ -140,7 +140,9 @@ class PapertrailAuthorizationTrigger(BaseTrigger):
                 return failure_outcome(conn_id, exc)
             for value in token.secrets:
                 mask(value)
-            return await _blocking(lambda: store_grant(conn_id, token, hook.token_store))
+            return await _blocking(
+                lambda: store_grant(conn_id, token, hook.token_store, issued_for=client.config.binding())
+            )
         except PapertrailError as exc:
             return Outcome("failed", str(exc), conn_id)
         except Exception as exc:  # never let a secret-bearing traceback into the triggerer log

@@ -44,6 +44,7 @@ class Custody:
             system="xero",
             base_url=self.emulator.base_url,
         )
+        self.config = config
         code = self.emulator.issue_code(client_id=CLIENT_ID, redirect_uri=REDIRECT_URI, system="xero")
         self.first = OAuthClient(config).exchange_code(code)
         self.store = VariableTokenStore(CONN, backend=OrmVariables())
@@ -211,3 +212,31 @@ def test_two_lost_answers_in_a_row_end_the_grant(custody):
     with pytest.raises(ReauthorizationRequired):
         c.ask()
     assert c.emulator.stats["token_requests"] == calls
+
+
+def test_edited_endpoints_never_receive_the_tokens(custody, monkeypatch):
+    """A grant remembers the client and endpoints of its consent (issue 9 item 5)."""
+    c = custody()
+    other = PapertrailEmulator(clients=[EmulatorClient(CLIENT_ID, CLIENT_SECRET, [REDIRECT_URI])]).start()
+    try:
+        now = time.time()
+        expired = Token(**{**c.first.to_dict(), "obtained_at": now - 4000, "expires_at": now - 10})
+        c.store.save(expired, issued_for=c.config.binding())
+        monkeypatch.setenv(f"AIRFLOW_CONN_{CONN.upper()}", emulator_connection(other.base_url))  # edited after consent
+        with pytest.raises(ReauthorizationRequired, match="token_url, api_origin changed since consent"):
+            c.ask()
+        c.store.save(c.first, based_on=c.store.load())  # valid again: a data call, no refresh needed
+        with pytest.raises(ReauthorizationRequired, match="changed since consent"):
+            PapertrailHook(CONN).query("company", "co_details")
+        assert other.stats["token_requests"] == 0 and other.stats["api_requests"] == 0
+        assert c.emulator.stats["refresh_grants"] == 0
+    finally:
+        other.stop()
+
+
+def test_a_refresh_binds_a_grant_stored_before_bindings(custody):
+    c = custody()
+    c.expire()  # saved without issued_for, as older releases did
+    assert c.store.load().issued_for is None
+    c.ask()
+    assert c.store.load().issued_for == c.config.binding()
