@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import importlib
 import json
 import logging
+import re
+import threading
 import time
+from collections import OrderedDict
 from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -59,8 +63,19 @@ def mask(value: str | None) -> None:
     mask_secret(value)
 
 
+#: At most this many values are kept in the api-server's maskers on our behalf. Every refresh
+#: registers new tokens, and each addition recompiles one regex that the maskers run over
+#: every log line: without a bound a long-lived api-server grows both for ever. Values are
+#: evicted least recently registered first; a live token is registered again whenever it is
+#: read (every coordinator request decrypts the grant), so eviction only ever drops values
+#: that are no longer in use (rotated refresh tokens, expired access tokens, spent codes).
+MAX_API_SERVER_MASKS = 512
+_api_server_masks: OrderedDict[str, bool] = OrderedDict()  # value -> whether we added its pattern
+_api_server_masks_lock = threading.Lock()
+
+
 def mask_in_api_server(value: str | None) -> None:
-    """Register a sensitive value with the maskers of the api-server process.
+    """Register a sensitive value with the maskers of the api-server process, bounded.
 
     Airflow's own api-server code (the access log's query-string redaction, the audit log)
     redacts with airflow-core's masker, a separate instance from the Task SDK's that
@@ -69,12 +84,48 @@ def mask_in_api_server(value: str | None) -> None:
     """
     if not value:
         return
-    mask(value)
-    try:
-        from airflow._shared.secrets_masker import mask_secret as core_mask_secret
-    except ImportError:  # pragma: no cover - an Airflow without the shared core masker
-        return
-    core_mask_secret(value)
+    maskers = _api_server_maskers()
+    with _api_server_masks_lock:
+        if value in _api_server_masks:
+            _api_server_masks.move_to_end(value)
+            return
+        pattern = re.escape(value)
+        ours = not any(pattern in getattr(m, "patterns", ()) for m in maskers)
+        mask(value)
+        try:
+            from airflow._shared.secrets_masker import mask_secret as core_mask_secret
+        except ImportError:  # pragma: no cover - an Airflow without the shared core masker
+            pass
+        else:
+            core_mask_secret(value)
+        _api_server_masks[value] = ours
+        while len(_api_server_masks) > MAX_API_SERVER_MASKS:
+            old, added_by_us = _api_server_masks.popitem(last=False)
+            if added_by_us:  # never remove what someone else registered
+                _unmask(maskers, re.escape(old))
+
+
+def _api_server_maskers() -> list[Any]:
+    found = []
+    for module in (
+        "airflow.sdk._shared.secrets_masker.secrets_masker",
+        "airflow._shared.secrets_masker.secrets_masker",
+    ):
+        try:
+            getter = importlib.import_module(module)._secrets_masker
+            found.append(getter())
+        except Exception as exc:  # pragma: no cover - another Airflow layout: nothing to bound
+            log.debug("No secrets masker at %s (%s): masks registered there are not bounded", module, type(exc).__name__)
+    return found
+
+
+def _unmask(maskers: list[Any], pattern: str) -> None:
+    for masker in maskers:
+        patterns = getattr(masker, "patterns", None)
+        if not isinstance(patterns, set) or pattern not in patterns:
+            continue
+        patterns.discard(pattern)
+        masker.replacer = re.compile("|".join(patterns)) if patterns else None
 
 
 def _as_bool(name: str, value: Any, default: bool) -> bool:

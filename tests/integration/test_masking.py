@@ -99,3 +99,30 @@ def test_refresh_route_on_the_api_server_masks_the_tokens(connection):
             assert _api_server_masker_hides(value), value[:6]
     finally:
         store.delete()
+
+
+def test_api_server_masks_stay_bounded_and_keep_what_is_in_use(monkeypatch):
+    """Every refresh registers new tokens; a long-lived api-server must not grow its maskers for ever."""
+    from airflow._shared.secrets_masker import _secrets_masker as core_masker
+
+    from airflow_papertrail.hooks import papertrail as hook_module
+
+    masker = core_masker()
+    before = len(masker.patterns)
+    someone_elses = "registered-by-airflow-" + secrets.token_urlsafe(16)
+    from airflow._shared.secrets_masker import mask_secret as core_mask_secret
+
+    core_mask_secret(someone_elses)
+    client_secret = "client-secret-" + secrets.token_urlsafe(16)
+    bound = 40  # the mechanism, at a size where each regex recompile is cheap
+    monkeypatch.setattr(hook_module, "MAX_API_SERVER_MASKS", bound, raising=False)
+    hook_module.mask_in_api_server(someone_elses)
+    for i in range(3 * bound):  # three bounds' worth of refreshed tokens
+        hook_module.mask_in_api_server(f"token-{i}-" + "x" * 24)
+        if i % 100 == 0:
+            hook_module.mask_in_api_server(client_secret)  # used on every coordinator request
+    assert len(masker.patterns) <= before + bound + 2  # was before + 3 * bound + 2
+    assert _api_server_masker_hides(f"token-{3 * bound - 1}-" + "x" * 24)  # the newest is masked
+    assert _api_server_masker_hides(client_secret)  # in use: never evicted
+    assert _api_server_masker_hides(someone_elses)  # not ours to remove
+    assert not _api_server_masker_hides("token-0-" + "x" * 24)  # long rotated: evicted
