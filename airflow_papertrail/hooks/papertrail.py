@@ -115,7 +115,9 @@ def _api_server_maskers() -> list[Any]:
             getter = importlib.import_module(module)._secrets_masker
             found.append(getter())
         except Exception as exc:  # pragma: no cover - another Airflow layout: nothing to bound
-            log.debug("No secrets masker at %s (%s): masks registered there are not bounded", module, type(exc).__name__)
+            log.debug(
+                "No secrets masker at %s (%s): masks registered there are not bounded", module, type(exc).__name__
+            )
     return found
 
 
