@@ -7,11 +7,13 @@ state). The envelope is bound to the authorization id and holds the state, PKCE 
 redirect URI, expiry, the run that asked, and once the browser came back, the captured
 code (or the OAuth error).
 
-Life cycle: ``pending`` -> ``captured`` | ``error`` (callback) -> redeemed by the sensor
-or trigger (which deletes the entry, then stores the grant). A wait that ends otherwise
-(denied, OAuth error, expired, timed out) deletes the entry too, if it was issued for the
-waiter's connection. Only a ``pending`` entry accepts a callback, so a replayed callback
-changes nothing.
+Life cycle: ``pending`` -> ``captured`` | ``error`` (callback) -> ``redeeming`` (the sensor
+or trigger took the code, which leaves the entry, for its one exchange) -> ``redeemed``
+(grant stored; only its summary stays, so a trigger run again after a triggerer restart
+reports the success) -> deleted when the sensor finishes. A failed exchange, and a wait
+that ends otherwise (denied, OAuth error, expired, timed out), delete the entry, if it was
+issued for the waiter's connection. Only a ``pending`` entry accepts a callback, so a
+replayed callback changes nothing.
 """
 
 from __future__ import annotations
@@ -55,6 +57,11 @@ PENDING_VARIABLE_PREFIX = "papertrail_auth__"
 PENDING = "pending"
 CAPTURED = "captured"
 ERROR = "error"
+#: The code was taken for its one exchange (and removed from the entry).
+REDEEMING = "redeeming"
+#: The grant is stored; the entry keeps only its summary (no secret), so that a trigger run
+#: again after a triggerer restart reports the success instead of "no longer exists".
+REDEEMED = "redeemed"
 
 
 def authorization_id_for(state: str) -> str:
@@ -88,6 +95,8 @@ class PendingAuthorization:
     error: str | None = None
     error_description: str | None = None
     captured_at: float | None = None
+    #: For ``redeemed``: the grant's summary (generation, expires_at, scope, message), no secret.
+    result: dict[str, Any] | None = None
 
     def __repr__(self) -> str:
         return (
@@ -135,6 +144,24 @@ class PendingAuthorization:
             error=sanitize_description(error, 64) or "unknown_error",
             error_description=sanitize_description(description) or None,
             captured_at=now,
+        )
+
+    def redeeming(self) -> PendingAuthorization:
+        """Taken for its one exchange: the code and the verifier leave the stored entry."""
+        return replace(self, status=REDEEMING, code=None, code_verifier=None)
+
+    def redeemed(self, outcome: Outcome) -> PendingAuthorization:
+        return replace(
+            self,
+            status=REDEEMED,
+            code=None,
+            code_verifier=None,
+            result={
+                "message": outcome.message,
+                "generation": outcome.generation,
+                "expires_at": outcome.expires_at,
+                "scope": outcome.scope,
+            },
         )
 
     @property
@@ -292,6 +319,23 @@ def examine(pending: PendingAuthorization | None, *, conn_id: str, now: float) -
         )
     if pending.status == CAPTURED:
         return None
+    if pending.status == REDEEMED:
+        result = pending.result or {}
+        return Outcome(
+            "success",
+            str(result.get("message") or f"Papertrail-ai grant of connection {conn_id!r} stored encrypted."),
+            conn_id,
+            generation=result.get("generation"),
+            expires_at=result.get("expires_at"),
+            scope=result.get("scope"),
+        )
+    if pending.status == REDEEMING:
+        return Outcome(
+            "failed",
+            f"the exchange of the authorization code of connection {conn_id!r} was interrupted (a triggerer or "
+            "worker restart in the middle of it); codes are single use, so re-run the papertrail_authorize DAG.",
+            conn_id,
+        )
     if pending.is_expired(now):
         return Outcome(
             "expired",
@@ -302,7 +346,13 @@ def examine(pending: PendingAuthorization | None, *, conn_id: str, now: float) -
     return Outcome("waiting", "waiting for consent", conn_id)
 
 
-def discard(pending: PendingAuthorization | None, *, conn_id: str, authorizations: AuthorizationStore) -> None:
+def discard(
+    pending: PendingAuthorization | None,
+    *,
+    conn_id: str,
+    authorizations: AuthorizationStore,
+    keep_redeemed: bool = False,
+) -> None:
     """Delete the pending entry of a wait that ended without redeeming a code.
 
     Called when the sensor or trigger reaches a final outcome (denied, OAuth error, expired,
@@ -313,6 +363,8 @@ def discard(pending: PendingAuthorization | None, *, conn_id: str, authorization
     """
     if pending is None or pending.conn_id != conn_id:
         return
+    if keep_redeemed and pending.status == REDEEMED:
+        return  # the trigger's record for a re-run; the resumed sensor deletes it
     try:
         authorizations.delete(pending.authorization_id)
     except Exception as exc:
@@ -362,11 +414,33 @@ def redeem(
     next no other waiter may try it again.
     """
     assert pending.code is not None
-    authorizations.delete(pending.authorization_id)
+    begin_redemption(pending, authorizations)
     try:
         token = client.exchange_code(
             pending.code, code_verifier=pending.code_verifier, redirect_uri=pending.redirect_uri
         )
     except (OAuthError, TransientOAuthError) as exc:
+        discard(pending, conn_id=pending.conn_id, authorizations=authorizations)
         return failure_outcome(pending.conn_id, exc)
-    return store_grant(pending.conn_id, token, grants, issued_for=client.config.binding())
+    outcome = store_grant(pending.conn_id, token, grants, issued_for=client.config.binding())
+    finish_redemption(pending, outcome, authorizations)
+    return outcome
+
+
+def begin_redemption(pending: PendingAuthorization, authorizations: AuthorizationStore) -> None:
+    """Take the code for its one exchange, *before* the exchange: whatever happens next, no
+    other waiter finds it (a late or replayed callback finds the entry no longer ``pending``)."""
+    authorizations.save(pending.redeeming())
+
+
+def finish_redemption(pending: PendingAuthorization, outcome: Outcome, authorizations: AuthorizationStore) -> None:
+    """Leave the grant's summary where the code was, for a trigger run again after a restart."""
+    try:
+        authorizations.save(pending.redeemed(outcome))
+    except Exception as exc:  # the grant is stored: that is what counts
+        log.warning(
+            "Could not record authorization %s of connection %r as redeemed (%s); the grant is stored.",
+            pending.authorization_id[:12],
+            pending.conn_id,
+            type(exc).__name__,
+        )

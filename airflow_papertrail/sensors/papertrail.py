@@ -113,7 +113,10 @@ class PapertrailAuthorizationSensor(BaseSensorOperator):
             raise AirflowFailException(
                 "the Papertrail-ai authorization trigger ended without an event; re-run the papertrail_authorize DAG"
             )
-        return self._finish(Outcome(**event))
+        outcome = Outcome(**event)
+        if outcome.status == "success":
+            self._forget_redeemed()
+        return self._finish(outcome)
 
     # -- helpers ---------------------------------------------------------------------------
     def _check_once(self) -> Outcome:
@@ -130,7 +133,22 @@ class PapertrailAuthorizationSensor(BaseSensorOperator):
             return outcome
         assert pending is not None
         hook = PapertrailHook(self.papertrail_conn_id)
-        return redeem(pending, client=hook.oauth_client, authorizations=authorizations, grants=hook.token_store)
+        outcome = redeem(pending, client=hook.oauth_client, authorizations=authorizations, grants=hook.token_store)
+        if outcome.status == "success":  # redeemed right here: no trigger can run again, no record needed
+            discard(pending, conn_id=self.papertrail_conn_id, authorizations=authorizations)
+        return outcome
+
+    def _forget_redeemed(self) -> None:
+        """The trigger left the redeemed record for a possible re-run; the task has resumed: delete it."""
+        from airflow_papertrail.hooks.papertrail import mask
+
+        try:
+            authorizations = AuthorizationStore(on_secret=mask)
+            pending = authorizations.load(self.authorization_id)
+        except Exception as exc:  # the grant is stored; a leftover record holds no secret
+            self.log.warning("Could not read the redeemed authorization to delete it: %s", type(exc).__name__)
+            return
+        discard(pending, conn_id=self.papertrail_conn_id, authorizations=authorizations)
 
     def _discard_after_timeout(self) -> None:
         """Poke/reschedule mode ran out of time: the entry will never be redeemed, delete it."""

@@ -23,9 +23,11 @@ from airflow.triggers.base import BaseTrigger, TriggerEvent
 from airflow_papertrail.authorization import (
     AuthorizationStore,
     Outcome,
+    begin_redemption,
     discard,
     examine,
     failure_outcome,
+    finish_redemption,
     store_grant,
 )
 from airflow_papertrail.exceptions import OAuthError, PapertrailError, TransientOAuthError
@@ -114,8 +116,11 @@ class PapertrailAuthorizationTrigger(BaseTrigger):
                     assert pending.code is not None
                     break
                 if outcome.status != "waiting":
-                    # denied, OAuth error, expired, missing or another connection's (discard() skips those two)
-                    await _blocking(discard, pending, conn_id=conn_id, authorizations=authorizations)
+                    # denied, OAuth error, expired, missing or another connection's (discard() skips those
+                    # two); a redeemed record stays for another re-run until the resumed sensor deletes it
+                    await _blocking(
+                        discard, pending, conn_id=conn_id, authorizations=authorizations, keep_redeemed=True
+                    )
                     return outcome
                 if time.time() >= self.deadline:
                     await _blocking(discard, pending, conn_id=conn_id, authorizations=authorizations)
@@ -128,7 +133,7 @@ class PapertrailAuthorizationTrigger(BaseTrigger):
 
             hook = PapertrailHook(conn_id)
             client = await _blocking(lambda: hook.oauth_client)  # reads the connection
-            await _blocking(authorizations.delete, pending.authorization_id)  # single use, before anything else
+            await _blocking(begin_redemption, pending, authorizations)  # single use, before anything else
             try:
                 token = await _blocking(
                     client.exchange_code_unmasked,
@@ -137,12 +142,15 @@ class PapertrailAuthorizationTrigger(BaseTrigger):
                     redirect_uri=pending.redirect_uri,  # the one the consent used, whatever the connection says now
                 )
             except (OAuthError, TransientOAuthError) as exc:
+                await _blocking(discard, pending, conn_id=conn_id, authorizations=authorizations)
                 return failure_outcome(conn_id, exc)
             for value in token.secrets:
                 mask(value)
-            return await _blocking(
+            outcome = await _blocking(
                 lambda: store_grant(conn_id, token, hook.token_store, issued_for=client.config.binding())
             )
+            await _blocking(finish_redemption, pending, outcome, authorizations)
+            return outcome
         except PapertrailError as exc:
             return Outcome("failed", str(exc), conn_id)
         except Exception as exc:  # never let a secret-bearing traceback into the triggerer log

@@ -73,8 +73,46 @@ def test_captured_code_is_exchanged_in_the_trigger(flow):
     event = _run(PapertrailAuthorizationTrigger("pt_trigger", pending.authorization_id, deadline=time.time() + 30))
     assert event["status"] == "success" and event["generation"] >= 1
     assert all(secret not in json.dumps(event) for secret in emulator.issued_secrets)
-    assert store.load(pending.authorization_id) is None  # pending entry and code deleted
+    left = store.load(pending.authorization_id)  # only the grant's summary is left, for a re-run
+    assert (left.status, left.code, left.code_verifier) == ("redeemed", None, None)
+    raw = OrmVariables().get(pending_variable_key(pending.authorization_id))
+    assert code not in raw and pending.code_verifier not in raw
     assert emulator.stats["authorization_code_grants"] == 1
+
+
+def test_a_trigger_run_again_after_its_redemption_reports_the_success(flow):
+    """A triggerer restart inside the hold window runs the trigger again: the grant is stored, say so."""
+    from airflow_papertrail.sensors.papertrail import PapertrailAuthorizationSensor
+
+    emulator, store, new_pending = flow
+    pending = new_pending()
+    store.save(pending.with_code(_code(emulator, pending), time.time()))
+    first = _run(PapertrailAuthorizationTrigger("pt_trigger", pending.authorization_id, deadline=time.time() + 30))
+    again = _run(PapertrailAuthorizationTrigger("pt_trigger", pending.authorization_id, deadline=time.time() + 30))
+    assert first["status"] == "success"
+    assert again == first  # was "failed ... no longer exists" although the grant was stored
+    third = _run(PapertrailAuthorizationTrigger("pt_trigger", pending.authorization_id, deadline=time.time() + 30))
+    assert third == first  # a second restart too: the record stays until the sensor resumes
+    assert emulator.stats["authorization_code_grants"] == 1  # never exchanged twice
+    sensor = PapertrailAuthorizationSensor(
+        task_id="wait", authorization_id=pending.authorization_id, papertrail_conn_id="pt_trigger"
+    )
+    assert sensor.execute_complete({}, event=again)["status"] == "success"
+    assert OrmVariables().get(pending_variable_key(pending.authorization_id)) is None  # resumed: record deleted
+
+
+def test_a_late_callback_after_the_code_was_taken_changes_nothing(flow):
+    from fastapi.testclient import TestClient
+
+    from airflow_papertrail.plugins.callback_app import create_app
+
+    emulator, store, new_pending = flow
+    pending = new_pending()
+    store.save(pending.with_code(_code(emulator, pending), time.time()))
+    _run(PapertrailAuthorizationTrigger("pt_trigger", pending.authorization_id, deadline=time.time() + 30))
+    response = TestClient(create_app()).get(f"/callback?code=late-{'x' * 20}&state={pending.state}")
+    assert response.status_code == 409
+    assert store.load(pending.authorization_id).status == "redeemed"
 
 
 def test_code_arriving_while_waiting(flow):
