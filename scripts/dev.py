@@ -3,8 +3,9 @@
 
     python3 scripts/dev.py demo    # a local Airflow with the provider and the emulator
     python3 scripts/dev.py test    # ruff + mypy + strict docs build + the whole pytest suite,
-                                   # then the compat suite on the newest Airflow 3.2.x and the
-                                   # unit suite on the other supported Pythons found here
+                                   # a 1,000-request fuzz of the plugin's routes, then the
+                                   # compat suite on the newest Airflow 3.2.x and the unit
+                                   # suite on the other supported Pythons found here
     python3 scripts/dev.py compat  # only the compat suite (unit, dag.test, real-triggerer E2E)
     python3 scripts/dev.py build   # wheel + sdist into dist/, checked by twine
 
@@ -175,6 +176,10 @@ def run_step(name: str, cmd: list[str], env: dict[str, str]) -> int:
     return subprocess.run(cmd, cwd=ROOT, env=env).returncode
 
 
+#: Requests the route fuzz of ``dev.py test`` sends (benchmarks/fuzz_routes.py; 10,000 by hand).
+FUZZ_REQUESTS = 1000
+
+
 def cmd_test(args: argparse.Namespace) -> int:
     env = bootstrap()
     py = str(VENV / BIN / "python")
@@ -195,6 +200,12 @@ def cmd_test(args: argparse.Namespace) -> int:
         failures.append("pytest (no tests)")
     elif rc != 0:
         failures.append("pytest")
+    if not args.pytest_args:
+        # Issue 9 item 7: forged, mutated, replayed, oversized and malformed requests against the
+        # plugin's routes on a real api-server (about a minute); fails unless all five figures are 0.
+        fuzz = [py, str(ROOT / "benchmarks" / "fuzz_routes.py"), "--requests", str(FUZZ_REQUESTS)]
+        if run_step(f"route fuzz ({FUZZ_REQUESTS} requests)", fuzz, env) != 0:
+            failures.append("route fuzz")
     if not args.no_compat:
         rc = run_compat([])
         if rc != 0:
