@@ -207,6 +207,20 @@ def check_binding(grant: StoredGrant, config: OAuthClientConfig) -> None:
 
 
 # -- server side (api-server plugin) -----------------------------------------------------------
+#: Seconds a coordinator's claim on one grant's refresh lasts (the token request, retries
+#: and Retry-After waits included). Another request finding a live claim waits outside any
+#: transaction; one finding an expired claim (its holder died) takes over.
+LEASE_SECONDS = 300.0
+#: Seconds between a waiting request's looks at the grant (each look is one short transaction).
+LEASE_POLL_SECONDS = 0.2
+#: Longest wait of one request for another's refresh; the worker's own timeout is longer.
+LEASE_WAIT_SECONDS = COORDINATOR_TIMEOUT - 20
+
+
+class RefreshInProgress(PapertrailError):
+    """Another request holds the live refresh claim of this grant: look again shortly."""
+
+
 def coordinated_refresh(
     conn_id: str,
     *,
@@ -218,86 +232,173 @@ def coordinated_refresh(
     config: OAuthClientConfig,
     clock: Callable[[], float] = time.time,
 ) -> StoredGrant:
-    """Refresh the grant of ``conn_id`` at most once per generation, under the row lock."""
-    with entries.locked(grant_variable_key(conn_id)) as entry:
+    """Refresh the grant of ``conn_id`` at most once per generation, without holding a DB
+    transaction across the token request (raises :class:`RefreshInProgress` while another
+    request's claim is live).
+
+    1. One short transaction under the row lock: read the grant, apply :func:`plan`; if a
+       refresh is due, write a claim (``refresh_lease``: an id and an expiry) and commit.
+    2. The token request, with no DB connection, transaction or lock held.
+    3. One short transaction under the row lock: store the result if the claim is still
+       ours (or, the claim having expired, nobody stored a newer generation meanwhile).
+    """
+    key = grant_variable_key(conn_id)
+    with entries.locked(key) as entry:
         if entry.raw is None:
             raise ReauthorizationRequired(conn_id, "no grant is stored for this connection")
         grant = store.decode(entry.raw)
         check_binding(grant, config)
-        if plan(grant, seen_generation=seen_generation, force=force, leeway=config.leeway, now=clock()) == USE:
+        now = clock()
+        if plan(grant, seen_generation=seen_generation, force=force, leeway=config.leeway, now=now) == USE:
             return grant
-        # Leave the block normally so that what was recorded (a new grant, a marker) commits.
-        grant, error = refresh_grant(
-            grant,
-            client=client_factory(),
-            store=store,
-            write=lambda g: entry.write(store.encode(g)),
-            force=force,
-            clock=clock,
-        )
-    if error is not None:
-        raise error
-    return grant
+        lease = grant.refresh_lease
+        if lease is not None and float(lease.get("until", 0)) > now:
+            raise RefreshInProgress(f"another request is refreshing the grant of {conn_id!r}")
+        claim = secrets.token_hex(16)
+        grant = replace(grant, refresh_lease={"id": claim, "until": now + LEASE_SECONDS})
+        entry.write(store.encode(grant))
 
-
-def handle_refresh_request(ticket: str, *, entries: EntryAccess) -> tuple[int, dict[str, Any]]:
-    """The plugin route's logic: (HTTP status, JSON body). Never raises."""
-    from airflow_papertrail.hooks.papertrail import mask_in_api_server
-    from airflow_papertrail.token_store import OrmVariables, VariableTokenStore, load_cipher
+    def record(result: StoredGrant) -> None:
+        with entries.locked(key) as entry:
+            current = store.decode(entry.raw) if entry.raw is not None else None
+            ours = current is not None and (current.refresh_lease or {}).get("id") == claim
+            if not ours and (current is None or current.generation != grant.generation):
+                # Our claim expired and someone else stored a newer grant: theirs stands.
+                log.error(
+                    "The refresh claim on the grant of %r expired before its answer arrived and a newer grant "
+                    "was stored meanwhile; this refresh's result is dropped.",
+                    conn_id,
+                )
+                return
+            entry.write(store.encode(replace(result, refresh_lease=None)))
 
     try:
-        try:
-            cipher = load_cipher()
-        except EncryptionKeyMissing as exc:  # no ticket can be opened: say so, never blame the worker's keys
-            return _misconfigured(str(exc))
-        try:
-            request = open_ticket(cipher, REQUEST_PURPOSE, ticket, ttl=REQUEST_TICKET_TTL)
-            conn_id = str(request["conn_id"])
-            seen_generation = int(request["seen_generation"])
-            force = bool(request.get("force"))
-            nonce = request.get("nonce")
-        except StaleTicket:
-            return 401, {"error": "stale_ticket", "message": f"the refresh ticket is older than {REQUEST_TICKET_TTL} s"}
-        except (TicketError, KeyError, TypeError, ValueError):
-            return 401, {"error": "invalid_ticket", "message": "not a valid refresh ticket for these encryption keys"}
-        try:
-            config = _server_config(conn_id)
-        except PapertrailConfigurationError as exc:
-            return _misconfigured(str(exc))
-        store = VariableTokenStore(conn_id, cipher=cipher, backend=OrmVariables(), on_secret=mask_in_api_server)
-
-        def client() -> OAuthClient:
-            from airflow_papertrail.oauth.client import OAuthClient
-
-            return OAuthClient(config, on_secret=mask_in_api_server)
-
-        grant = coordinated_refresh(
-            conn_id,
-            seen_generation=seen_generation,
-            force=force,
-            entries=entries,
-            store=store,
-            client_factory=client,
-            config=config,
+        result, error = refresh_grant(
+            grant, client=client_factory(), store=store, write=record, force=force, clock=clock
         )
-        answer = {
-            "conn_id": conn_id,
-            "nonce": nonce,  # binds the answer to its request (the worker checks it)
-            "generation": grant.generation,
-            "access_token": grant.token.access_token,
-            "token_type": grant.token.token_type,
-            "expires_at": grant.token.expires_at,
-            "obtained_at": grant.token.obtained_at,
-            "scope": grant.token.scope,
-        }
-        return 200, {"ticket": seal_ticket(cipher, RESPONSE_PURPOSE, answer)}
-    except ReauthorizationRequired as exc:
-        return 409, {"error": "reauthorization_required", "message": str(exc)}
-    except (TransientOAuthError, PapertrailError) as exc:
-        return 503, {"error": "unavailable", "message": str(exc)}
+    except BaseException:
+        # Nothing was recorded (the request never reached the server, a refusal that is not
+        # invalid_grant, a bug): release the claim at once instead of letting waiters sit out its expiry.
+        with contextlib.suppress(Exception), entries.locked(key) as entry:
+            current = store.decode(entry.raw) if entry.raw is not None else None
+            if current is not None and (current.refresh_lease or {}).get("id") == claim:
+                entry.write(store.encode(replace(current, refresh_lease=None)))
+        raise
+    if error is not None:
+        raise error
+    return replace(result, refresh_lease=None)
+
+
+class RefreshJob:
+    """One coordinator request, its ticket already opened: :meth:`attempt` until it answers."""
+
+    def __init__(self, cipher: Any, conn_id: str, seen_generation: int, force: bool, nonce: Any, entries: EntryAccess):
+        self.cipher, self.conn_id, self.seen_generation = cipher, conn_id, seen_generation
+        self.force, self.nonce, self.entries = force, nonce, entries
+
+    def attempt(self) -> tuple[int, dict[str, Any]] | None:
+        """(HTTP status, JSON body), or None while another request's refresh claim is live. Never raises."""
+        from airflow_papertrail.hooks.papertrail import mask_in_api_server
+        from airflow_papertrail.token_store import OrmVariables, VariableTokenStore
+
+        conn_id = self.conn_id
+        try:
+            try:
+                config = _server_config(conn_id)
+            except PapertrailConfigurationError as exc:
+                return _misconfigured(str(exc))
+            store = VariableTokenStore(
+                conn_id, cipher=self.cipher, backend=OrmVariables(), on_secret=mask_in_api_server
+            )
+
+            def client() -> OAuthClient:
+                from airflow_papertrail.oauth.client import OAuthClient
+
+                return OAuthClient(config, on_secret=mask_in_api_server)
+
+            try:
+                grant = coordinated_refresh(
+                    conn_id,
+                    seen_generation=self.seen_generation,
+                    force=self.force,
+                    entries=self.entries,
+                    store=store,
+                    client_factory=client,
+                    config=config,
+                )
+            except RefreshInProgress:
+                return None
+            answer = {
+                "conn_id": conn_id,
+                "nonce": self.nonce,  # binds the answer to its request (the worker checks it)
+                "generation": grant.generation,
+                "access_token": grant.token.access_token,
+                "token_type": grant.token.token_type,
+                "expires_at": grant.token.expires_at,
+                "obtained_at": grant.token.obtained_at,
+                "scope": grant.token.scope,
+            }
+            return 200, {"ticket": seal_ticket(self.cipher, RESPONSE_PURPOSE, answer)}
+        except ReauthorizationRequired as exc:
+            return 409, {"error": "reauthorization_required", "message": str(exc)}
+        except (TransientOAuthError, PapertrailError) as exc:
+            return 503, {"error": "unavailable", "message": str(exc)}
+        except Exception as exc:
+            log.exception("Papertrail-ai refresh coordinator failed")
+            return 503, {"error": "unavailable", "message": f"unexpected {type(exc).__name__} on the api-server"}
+
+
+def open_refresh_request(ticket: str, *, entries: EntryAccess) -> RefreshJob | tuple[int, dict[str, Any]]:
+    """Open the request ticket once (before any waiting, so waiting never makes it stale)."""
+    from airflow_papertrail.token_store import load_cipher
+
+    try:
+        cipher = load_cipher()
+    except EncryptionKeyMissing as exc:  # no ticket can be opened: say so, never blame the worker's keys
+        return _misconfigured(str(exc))
     except Exception as exc:
         log.exception("Papertrail-ai refresh coordinator failed")
         return 503, {"error": "unavailable", "message": f"unexpected {type(exc).__name__} on the api-server"}
+    try:
+        request = open_ticket(cipher, REQUEST_PURPOSE, ticket, ttl=REQUEST_TICKET_TTL)
+        conn_id = str(request["conn_id"])
+        seen_generation = int(request["seen_generation"])
+        force = bool(request.get("force"))
+        nonce = request.get("nonce")
+    except StaleTicket:
+        return 401, {"error": "stale_ticket", "message": f"the refresh ticket is older than {REQUEST_TICKET_TTL} s"}
+    except (TicketError, KeyError, TypeError, ValueError):
+        return 401, {"error": "invalid_ticket", "message": "not a valid refresh ticket for these encryption keys"}
+    return RefreshJob(cipher, conn_id, seen_generation, force, nonce, entries)
+
+
+def busy_answer(conn_id: str) -> tuple[int, dict[str, Any]]:
+    return 503, {
+        "error": "unavailable",
+        "message": f"another refresh of the grant of {conn_id!r} is still running after {LEASE_WAIT_SECONDS:.0f} s "
+        "(a slow token endpoint); retry the task: its result will be stored",
+    }
+
+
+def handle_refresh_request(
+    ticket: str, *, entries: EntryAccess, sleep: Callable[[float], None] = time.sleep
+) -> tuple[int, dict[str, Any]]:
+    """The route's logic for synchronous callers: (HTTP status, JSON body). Never raises.
+
+    The route itself (plugins/callback_app.py) runs the same steps but waits with
+    ``asyncio.sleep``, so a waiting request holds no thread either.
+    """
+    job = open_refresh_request(ticket, entries=entries)
+    if not isinstance(job, RefreshJob):
+        return job
+    deadline = time.monotonic() + LEASE_WAIT_SECONDS
+    while True:
+        answer = job.attempt()
+        if answer is not None:
+            return answer
+        if time.monotonic() > deadline:
+            return busy_answer(job.conn_id)
+        sleep(LEASE_POLL_SECONDS)
 
 
 def _misconfigured(message: str) -> tuple[int, dict[str, Any]]:
@@ -530,6 +631,11 @@ def _locally(hook: PapertrailHook, seen: StoredGrant, force: bool) -> Token:
         now = time.time()
         if plan(stored, seen_generation=seen.generation, force=force, leeway=hook.config.leeway, now=now) == USE:
             return stored.token
+        if stored.refresh_lease is not None and float(stored.refresh_lease.get("until", 0)) > now:
+            raise TransientOAuthError(
+                f"the api-server is refreshing the grant of {conn_id!r} right now; retry the task (mixing "
+                "refresh_coordinator = local with api-server refreshes of one grant is not supported)"
+            )
         grant, error = refresh_grant(
             stored, client=hook.oauth_client, store=hook.token_store, write=hook.token_store.write, force=force
         )

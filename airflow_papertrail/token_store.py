@@ -97,6 +97,9 @@ class StoredGrant:
     #: ``OAuthClientConfig.binding()`` at consent: client ID, token URL and data-API origin the
     #: grant was issued for (None for grants stored before 0.1.0 bound them).
     issued_for: dict[str, str] | None = None
+    #: While the api-server coordinator presents the refresh token: ``{"id", "until"}``. Taken
+    #: and committed before the token request, so no DB transaction waits on the network.
+    refresh_lease: dict[str, Any] | None = None
 
     @property
     def refresh_outcome_unknown(self) -> bool:
@@ -117,6 +120,8 @@ class StoredGrant:
         }
         if self.issued_for is not None:
             payload["issued_for"] = dict(self.issued_for)
+        if self.refresh_lease is not None:
+            payload["refresh_lease"] = dict(self.refresh_lease)
         if self.reauthorization_error is not None:
             payload["reauthorization_error"] = self.reauthorization_error
             payload["reauthorization_reason"] = self.reauthorization_reason
@@ -179,6 +184,7 @@ class VariableTokenStore:
                 reauthorization_error=payload.get("reauthorization_error"),
                 reauthorization_reason=payload.get("reauthorization_reason"),
                 issued_for=_binding_or_none(payload.get("issued_for")),
+                refresh_lease=payload.get("refresh_lease") if isinstance(payload.get("refresh_lease"), dict) else None,
             )
         except (KeyError, TypeError, ValueError):
             raise TokenStoreError(

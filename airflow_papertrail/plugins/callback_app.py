@@ -11,6 +11,7 @@ that log.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import re
@@ -265,7 +266,13 @@ def create_app(*, entries: EntryAccess | None = None, store: AuthorizationStore 
         """
         from starlette.concurrency import run_in_threadpool
 
-        from airflow_papertrail.refresh import handle_refresh_request
+        from airflow_papertrail.refresh import (
+            LEASE_POLL_SECONDS,
+            LEASE_WAIT_SECONDS,
+            RefreshJob,
+            busy_answer,
+            open_refresh_request,
+        )
 
         raw = await _read_limited(request, MAX_TOKEN_BODY_BYTES)
         if raw is None:
@@ -278,8 +285,19 @@ def create_app(*, entries: EntryAccess | None = None, store: AuthorizationStore 
         if not isinstance(ticket, str) or len(ticket) > MAX_TICKET_CHARS:
             return _token_answer(401, {"error": "invalid_ticket"})
         entry_access, _ = deps()
-        status, body = await run_in_threadpool(handle_refresh_request, ticket, entries=entry_access)
-        return _token_answer(status, body)
+        job = await run_in_threadpool(open_refresh_request, ticket, entries=entry_access)
+        if not isinstance(job, RefreshJob):
+            return _token_answer(*job)
+        # While another request refreshes this grant, wait here with asyncio.sleep: a waiter
+        # holds no DB connection, no transaction and no thread (each look is one short one).
+        deadline = time.monotonic() + LEASE_WAIT_SECONDS
+        while True:
+            answer = await run_in_threadpool(job.attempt)
+            if answer is not None:
+                return _token_answer(*answer)
+            if time.monotonic() > deadline:
+                return _token_answer(*busy_answer(job.conn_id))
+            await asyncio.sleep(LEASE_POLL_SECONDS)
 
     @router.get("/callback/", include_in_schema=False)
     def callback_with_slash(request: Request) -> HTMLResponse:

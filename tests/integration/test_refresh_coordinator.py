@@ -322,3 +322,64 @@ def test_the_route_echoes_the_nonce_and_a_stale_ticket_is_not_a_key_mismatch(gra
     ).decode()
     response = client.post("/token", json={"ticket": old})
     assert (response.status_code, response.json()["error"]) == (401, "stale_ticket")
+
+
+def test_no_transaction_is_held_across_the_token_request(grant):
+    """Issue 9 item 4: the claim is committed before the token request; the row stays free meanwhile."""
+    from airflow_papertrail.plugins.locking import OrmEntryAccess
+    from airflow_papertrail.token_store import grant_variable_key
+
+    emulator, store, stored, ask = grant
+    emulator.inject("token", delay=4.0)
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        result = pool.submit(ask, stored.generation)
+        wait_until(lambda: emulator.stats["token_requests"] >= 2, timeout=10, message="refresh never sent")
+        # The token request is in flight: the claim is visible (committed), and the row lock is
+        # free (before, the coordinator held it, and on SQLite the whole database, for all 4 s).
+        assert store.load().refresh_lease is not None
+        acquired = []
+
+        def lock_the_row():
+            with OrmEntryAccess().locked(grant_variable_key(CONN)) as entry:
+                acquired.append(entry.raw is not None)
+
+        with ThreadPoolExecutor(max_workers=1) as other:
+            other.submit(lock_the_row).result(timeout=2.0)  # well inside the 4 s token request
+        assert acquired == [True]
+        assert not result.done()
+        status, body = result.result(timeout=30)
+    assert status == 200 and body["generation"] == stored.generation + 1
+    assert store.load().refresh_lease is None  # released with the result
+    assert emulator.stats["refresh_grants"] == 1
+
+
+def test_a_claim_left_by_a_dead_coordinator_is_taken_over_once_expired(grant):
+    from dataclasses import replace as dc_replace
+
+    emulator, store, stored, ask = grant
+    store.write(dc_replace(store.load(), refresh_lease={"id": "dead", "until": time.time() - 1}))
+    status, body = ask(stored.generation)
+    assert status == 200 and emulator.stats["refresh_grants"] == 1
+
+
+def test_a_live_claim_makes_others_wait_then_answer_busy(grant, monkeypatch):
+    from dataclasses import replace as dc_replace
+
+    from airflow_papertrail import refresh
+
+    emulator, store, stored, ask = grant
+    monkeypatch.setattr(refresh, "LEASE_WAIT_SECONDS", 1.0)
+    store.write(dc_replace(store.load(), refresh_lease={"id": "busy", "until": time.time() + 60}))
+    status, body = ask(stored.generation)
+    assert status == 503 and "is still running" in body["message"] and "retry the task" in body["message"]
+    assert emulator.stats["token_requests"] == 1  # only the exchange: the waiter never refreshed
+
+
+def test_a_refresh_that_fails_before_reaching_the_server_releases_its_claim(grant):
+    emulator, store, stored, ask = grant
+    emulator.inject("token", status=429, retry_after=3600)  # longer than we wait: fails at once
+    status, body = ask(stored.generation)
+    assert status == 503 and "unavailable" in body["error"]
+    assert store.load().refresh_lease is None  # released: the next request need not wait it out
+    status, body = ask(stored.generation)
+    assert status == 200 and emulator.stats["refresh_grants"] == 1

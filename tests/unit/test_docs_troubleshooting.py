@@ -56,7 +56,10 @@ MESSAGE_SCOPES = (
     ("api/client.py", "DataClient._interrupted_error"),
     ("api/jsonstream.py", "JsonStreamError.__init__"),
     ("operators/query.py", "PapertrailQueryOperator._too_large"),
-    ("refresh.py", "handle_refresh_request"),
+    ("refresh.py", "open_refresh_request"),
+    ("refresh.py", "RefreshJob.attempt"),
+    ("refresh.py", "busy_answer"),
+    ("hooks/papertrail.py", "PapertrailHook._test_connection"),
     ("token_store.py", "VariableTokenStore._write_verified"),
 )
 
@@ -69,6 +72,7 @@ INTERNAL = {
     ("oauth/envelope.py", "invalid ticket"): "TicketError, always caught (refresh.py)",
     ("oauth/envelope.py", "ticket older than"): "StaleTicket, always caught (refresh.py)",
     ("refresh.py", "stale_ticket"): "route answer; the worker shows its own stale-ticket message",
+    ("refresh.py", "another request is refreshing the grant of"): "RefreshInProgress, always caught: the route waits",
     ("refresh.py", "the refresh ticket is older than"): "route answer; the worker shows its own stale-ticket message",
     ("oauth/envelope.py", "ticket for another purpose"): "TicketError, always caught (refresh.py)",
     ("authorization.py", "waiting for consent"): "the 'keep waiting' outcome, never shown",
