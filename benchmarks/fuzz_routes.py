@@ -206,15 +206,14 @@ def main() -> int:
     lock = threading.Lock()
     try:
         stack.start()
-        stack.create_connection(
-            {
-                "connection_id": CONN_ID,
-                "conn_type": "papertrail",
-                "login": CLIENT_ID,
-                "password": CLIENT_SECRET,
-                "host": emulator.base_url,
-                "extra": json.dumps({"redirect_uri": redirect_uri, "system": "xero", "issuer": emulator.base_url}),
-            }
+        stack.create_papertrail_connection(
+            CONN_ID,
+            client_id=CLIENT_ID,
+            client_secret=CLIENT_SECRET,
+            host=emulator.base_url,
+            redirect_uri=redirect_uri,
+            system="xero",
+            issuer=emulator.base_url,
         )
         config = OAuthClientConfig(
             client_id=CLIENT_ID, client_secret=CLIENT_SECRET, redirect_uri=redirect_uri, system="xero",

@@ -439,6 +439,36 @@ class AirflowApi:
         ``host``, ``extra`` as a JSON string, ...)."""
         self.request("POST", "/api/v2/connections", json=dict(connection), expected=(201,))
 
+    def create_papertrail_connection(
+        self, conn_id: str, *, client_id: str, client_secret: str, host: str, **extra: Any
+    ) -> None:
+        """A ``papertrail`` connection to ``host`` (an emulator) with ``extra`` (redirect_uri, system, ...)."""
+        self.create_connection(
+            {
+                "connection_id": conn_id,
+                "conn_type": "papertrail",
+                "login": client_id,
+                "password": client_secret,
+                "host": host,
+                "extra": json.dumps(extra),
+            }
+        )
+
+
+def emulator_grant(emulator: Any, *, client_id: str, client_secret: str, redirect_uri: str) -> tuple[Any, Any]:
+    """``(OAuthClientConfig, Token)``: a real code exchange at ``emulator`` for that client (system xero)."""
+    from airflow_papertrail.oauth import OAuthClient, OAuthClientConfig
+
+    config = OAuthClientConfig(
+        client_id=client_id,
+        client_secret=client_secret,
+        redirect_uri=redirect_uri,
+        system="xero",
+        base_url=emulator.base_url,
+    )
+    code = emulator.issue_code(client_id=client_id, redirect_uri=redirect_uri, system="xero")
+    return config, OAuthClient(config).exchange_code(code)
+
 
 def _render_log_entry(entry: Any) -> str:
     if not isinstance(entry, dict):

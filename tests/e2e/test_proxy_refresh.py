@@ -11,7 +11,6 @@ succeed on retry, and the emulator sees exactly one refresh.
 
 from __future__ import annotations
 
-import json
 import shutil
 import subprocess
 import time
@@ -21,12 +20,11 @@ import pytest
 import requests
 from cryptography.fernet import Fernet
 
-from airflow_papertrail.oauth import OAuthClient, OAuthClientConfig
 from airflow_papertrail.oauth.envelope import TokenCipher
 from airflow_papertrail.testing.emulator import EmulatorClient, PapertrailEmulator
 from airflow_papertrail.token_store import VariableTokenStore
 from tests.conftest import remember_secrets
-from tests.e2e.harness import free_port
+from tests.e2e.harness import emulator_grant, free_port
 from tests.e2e.test_refresh_concurrency import RestVariables
 from tests.integration.postgres import Cluster, find_bindir, missing_drivers, required
 from tests.waiting import wait_until
@@ -121,15 +119,13 @@ def proxy(airflow_stack_factory, tmp_path_factory):
             return requests.get(f"http://127.0.0.1:{listen}/api/v2/monitor/health", timeout=5).ok
 
         wait_until(proxied, 30, interval=0.1, message="nginx never proxied", ignore=(requests.RequestException,))
-        stack.create_connection(
-            {
-                "connection_id": CONN_ID,
-                "conn_type": "papertrail",
-                "login": CLIENT_ID,
-                "password": CLIENT_SECRET,
-                "host": emulator.base_url,
-                "extra": json.dumps({"redirect_uri": REDIRECT_URI, "system": "xero"}),
-            }
+        stack.create_papertrail_connection(
+            CONN_ID,
+            client_id=CLIENT_ID,
+            client_secret=CLIENT_SECRET,
+            host=emulator.base_url,
+            redirect_uri=REDIRECT_URI,
+            system="xero",
         )
         stack.wait_for_dag(DAG_ID, timeout=120)
         stack.unpause(DAG_ID)
@@ -145,15 +141,8 @@ def proxy(airflow_stack_factory, tmp_path_factory):
 
 def test_a_proxy_timeout_never_causes_a_second_refresh(proxy):
     stack, emulator, prefix = proxy
-    config = OAuthClientConfig(
-        client_id=CLIENT_ID,
-        client_secret=CLIENT_SECRET,
-        redirect_uri=REDIRECT_URI,
-        system="xero",
-        base_url=emulator.base_url,
-    )
-    token = OAuthClient(config).exchange_code(
-        emulator.issue_code(client_id=CLIENT_ID, redirect_uri=REDIRECT_URI, system="xero")
+    config, token = emulator_grant(
+        emulator, client_id=CLIENT_ID, client_secret=CLIENT_SECRET, redirect_uri=REDIRECT_URI
     )
     store = VariableTokenStore(CONN_ID, cipher=TokenCipher([KEY]), backend=RestVariables(stack))
     emulator.expire_access_tokens()
