@@ -1,25 +1,28 @@
 """Valid access tokens for every task: proactive refresh, serialized across processes and machines.
 
 Why this shape (Airflow 3 tasks have no DB access, no lock and no compare-and-set on
-Variables): the one place that can hold a lock over the grant is the api-server, which
-owns the metadata DB. So a worker that needs a refresh asks the api-server's plugin
-(``POST /papertrail/token``); the plugin locks the grant's Variable row, re-reads it, and
-only if it is still the generation the worker saw (and still expiring) presents the
-refresh token, stores the new grant in the same transaction and answers with the new
-access token. 32 tasks that see the same expired token cause exactly one refresh; the
-other 31 wait on the row lock and get the stored result.
+Variables): the one place that can serialize over the grant is the api-server, which owns
+the metadata DB. So a worker that needs a refresh asks the api-server's plugin (``POST
+/papertrail/token``); the plugin claims the refresh in one short transaction under the
+grant's row lock (only if :func:`plan` says the generation the worker saw is due),
+presents the refresh token with no transaction held, stores the new grant in a second
+short transaction, and answers with the new access token. 32 tasks that see the same
+expired token cause exactly one refresh; the others wait (asynchronously, holding nothing)
+and get the stored result.
 
 The request and the answer are Fernet tickets made with ``[papertrail]
-token_encryption_keys`` (60 s/300 s lifetime): only our own components can ask, and the
-access token never crosses the network in the clear. Workers without a reachable
-api-server plugin (``dag.test()``, a laptop) fall back to a single flight per machine
-(a thread lock plus an ``flock`` on a file); ``[papertrail] refresh_coordinator`` forces
-either path.
+token_encryption_keys`` (60 s/300 s lifetime, the answer bound to the request by a nonce):
+only our own components can ask, and the access token never crosses the network in the
+clear. Workers whose coordinator provably does not exist (the connection is refused, or
+the api-server answers Starlette's own 404/405: ``dag.test()``, a laptop) fall back to a
+single flight per machine (a thread lock plus an ``flock``); ``[papertrail]
+refresh_coordinator`` forces either path.
 
-A refresh whose response was lost (timeout, connection reset, 502/504) may already have
-rotated the token at the server. It is never replayed: the grant is marked
-``refresh_outcome_unknown`` and every later use asks for re-authorization instead of
-presenting a token that could revoke the whole grant.
+A refresh whose answer was lost (timeout, reset, any 5xx, an unparseable 2xx) may already
+have rotated the token at the server. It is never re-sent automatically: the grant counts
+the loss and keeps its access token in use until it expires; after a quiet period the same
+refresh token is presented once more; a refusal or a second loss in a row asks for
+re-authorization (docs/token-custody.md, "A lost refresh answer").
 """
 
 from __future__ import annotations
@@ -89,6 +92,10 @@ MAX_UNKNOWN_REFRESH_OUTCOMES = 2
 
 USE = "use"
 REFRESH = "refresh"
+#: Seconds after a lost refresh answer before the refresh token is presented again: the lost
+#: request may still be in the server's hands (a read timeout fires while it processes);
+#: a second presentation racing the first would look like reuse.
+RETRY_QUIET_SECONDS = 60.0
 
 
 def _unknown_outcome(conn_id: str) -> ReauthorizationRequired:
@@ -122,6 +129,18 @@ def plan(grant: StoredGrant, *, seen_generation: int, force: bool, leeway: float
     unusable = force or token.is_expired(now)
     if grant.unknown_refresh_outcomes and not unusable:
         return USE
+    if (
+        grant.unknown_refresh_outcomes
+        and grant.unknown_at is not None
+        and now - grant.unknown_at < RETRY_QUIET_SECONDS
+        and grant.reauthorization_error is None
+        and grant.unknown_refresh_outcomes < MAX_UNKNOWN_REFRESH_OUTCOMES
+    ):
+        raise TransientOAuthError(
+            f"the last token refresh of {grant.conn_id!r} lost its answer {now - grant.unknown_at:.0f} s ago; the "
+            f"refresh token is presented again only {RETRY_QUIET_SECONDS:.0f} s after that (the server may still be "
+            "processing the lost request): retry the task"
+        )
     if grant.reauthorization_error is not None:
         if unusable:
             raise ReauthorizationRequired(
@@ -163,7 +182,7 @@ def refresh_grant(
         write(replace(grant, reauthorization_error=exc.error, reauthorization_reason=exc.description or exc.error))
         return grant, ReauthorizationRequired(conn_id, exc.description, error=exc.error, status=exc.status)
     except RefreshOutcomeUnknown as exc:
-        marked = replace(grant, unknown_refresh_outcomes=grant.unknown_refresh_outcomes + 1)
+        marked = replace(grant, unknown_refresh_outcomes=grant.unknown_refresh_outcomes + 1, unknown_at=clock())
         write(marked)
         if marked.unknown_refresh_outcomes >= MAX_UNKNOWN_REFRESH_OUTCOMES:
             return marked, _unknown_outcome(conn_id)
@@ -177,8 +196,8 @@ def refresh_grant(
             return marked, None
         return marked, TransientOAuthError(
             f"the answer to the token refresh of {conn_id!r} was lost ({exc}). The grant is kept: retry the task, "
-            "and the next try presents the refresh token once more (only a refusal, or a second lost answer, "
-            "then asks for consent again)"
+            f"and a try {RETRY_QUIET_SECONDS:.0f} s or more later presents the refresh token once more (only a "
+            "refusal, or a second lost answer, then asks for consent again)"
         )
     new = store.next_grant(token, grant, issued_for=grant.issued_for or client.config.binding())
     write(new)
@@ -221,6 +240,17 @@ class RefreshInProgress(PapertrailError):
     """Another request holds the live refresh claim of this grant: look again shortly."""
 
 
+def lease_seconds(config: OAuthClientConfig) -> float:
+    """How long a refresh claim lasts: longer than the token request can take (every attempt's
+    timeout, every backoff and every honoured Retry-After of the refresh retry policy), so a
+    live holder never loses its claim while it may still send."""
+    from airflow_papertrail.oauth.retry import RetryPolicy
+
+    policy = RetryPolicy()
+    attempts = policy.total + 1
+    return attempts * config.timeout + policy.total * (policy.backoff_max + policy.max_retry_after) + 60
+
+
 def coordinated_refresh(
     conn_id: str,
     *,
@@ -231,62 +261,104 @@ def coordinated_refresh(
     client_factory: Callable[[], OAuthClient],
     config: OAuthClientConfig,
     clock: Callable[[], float] = time.time,
+    sleep: Callable[[float], None] = time.sleep,
 ) -> StoredGrant:
     """Refresh the grant of ``conn_id`` at most once per generation, without holding a DB
     transaction across the token request (raises :class:`RefreshInProgress` while another
     request's claim is live).
 
     1. One short transaction under the row lock: read the grant, apply :func:`plan`; if a
-       refresh is due, write a claim (``refresh_lease``: an id and an expiry) and commit.
+       refresh is due, write a claim (``refresh_lease``: an id and an expiry, see
+       :func:`lease_seconds`) and commit. An expired claim means its holder died, perhaps
+       after sending: taking it over counts as a lost answer.
     2. The token request, with no DB connection, transaction or lock held.
     3. One short transaction under the row lock: store the result if the claim is still
-       ours (or, the claim having expired, nobody stored a newer generation meanwhile).
+       ours (retried; once the request was sent the claim is never released early).
     """
     key = grant_variable_key(conn_id)
+    error: PapertrailError | None = None
+    decision = USE
     with entries.locked(key) as entry:
         if entry.raw is None:
             raise ReauthorizationRequired(conn_id, "no grant is stored for this connection")
         grant = store.decode(entry.raw)
         check_binding(grant, config)
         now = clock()
-        if plan(grant, seen_generation=seen_generation, force=force, leeway=config.leeway, now=now) == USE:
-            return grant
         lease = grant.refresh_lease
-        if lease is not None and float(lease.get("until", 0)) > now:
-            raise RefreshInProgress(f"another request is refreshing the grant of {conn_id!r}")
-        claim = secrets.token_hex(16)
-        grant = replace(grant, refresh_lease={"id": claim, "until": now + LEASE_SECONDS})
-        entry.write(store.encode(grant))
+        if lease is not None and float(lease.get("until", 0)) <= now:
+            log.warning("Taking over the expired refresh claim on the grant of %r: counted as a lost answer.", conn_id)
+            grant = replace(
+                grant,
+                refresh_lease=None,
+                unknown_refresh_outcomes=grant.unknown_refresh_outcomes + 1,
+                unknown_at=None,  # the claim outlived any request its holder can have sent: no quiet period
+            )
+            entry.write(store.encode(grant))
+            lease = None
+        try:
+            decision = plan(grant, seen_generation=seen_generation, force=force, leeway=config.leeway, now=now)
+        except PapertrailError as exc:  # leave the block normally: what was written above commits
+            error = exc
+        if error is None and decision == REFRESH:
+            if lease is not None:
+                raise RefreshInProgress(f"another request is refreshing the grant of {conn_id!r}")
+            claim = secrets.token_hex(16)
+            grant = replace(grant, refresh_lease={"id": claim, "until": now + lease_seconds(config)})
+            entry.write(store.encode(grant))
+    if error is not None:
+        raise error
+    if decision == USE:
+        return grant
+
+    sent = False
+    dropped = False
 
     def record(result: StoredGrant) -> None:
-        with entries.locked(key) as entry:
-            current = store.decode(entry.raw) if entry.raw is not None else None
-            ours = current is not None and (current.refresh_lease or {}).get("id") == claim
-            if not ours and (current is None or current.generation != grant.generation):
-                # Our claim expired and someone else stored a newer grant: theirs stands.
-                log.error(
-                    "The refresh claim on the grant of %r expired before its answer arrived and a newer grant "
-                    "was stored meanwhile; this refresh's result is dropped.",
-                    conn_id,
-                )
+        nonlocal sent, dropped
+        sent = True  # refresh_grant writes only after the token endpoint answered (or may have)
+        for attempt in range(3):
+            try:
+                with entries.locked(key) as entry:
+                    current = store.decode(entry.raw) if entry.raw is not None else None
+                    if current is None or (current.refresh_lease or {}).get("id") != claim:
+                        dropped = True  # our claim was taken over (counted as a lost answer there)
+                        log.error(
+                            "The refresh claim on the grant of %r was taken over before its answer arrived; this "
+                            "refresh's result is dropped.",
+                            conn_id,
+                        )
+                        return
+                    entry.write(store.encode(replace(result, refresh_lease=None)))
                 return
-            entry.write(store.encode(replace(result, refresh_lease=None)))
+            except Exception:
+                if attempt == 2:
+                    raise  # the claim stays: a takeover after its expiry counts a lost answer
+                sleep(0.5)
 
     try:
         result, error = refresh_grant(
             grant, client=client_factory(), store=store, write=record, force=force, clock=clock
         )
     except BaseException:
-        # Nothing was recorded (the request never reached the server, a refusal that is not
-        # invalid_grant, a bug): release the claim at once instead of letting waiters sit out its expiry.
-        with contextlib.suppress(Exception), entries.locked(key) as entry:
-            current = store.decode(entry.raw) if entry.raw is not None else None
-            if current is not None and (current.refresh_lease or {}).get("id") == claim:
-                entry.write(store.encode(replace(current, refresh_lease=None)))
+        if not sent:
+            # The token endpoint refused or was never reached (connection error, 429, invalid_client):
+            # nothing rotated, so release the claim at once instead of letting waiters sit out its expiry.
+            with contextlib.suppress(Exception), entries.locked(key) as entry:
+                current = store.decode(entry.raw) if entry.raw is not None else None
+                if current is not None and (current.refresh_lease or {}).get("id") == claim:
+                    entry.write(store.encode(replace(current, refresh_lease=None)))
         raise
+    if dropped:
+        stored = store.decode(_read(entries, key) or "")
+        return stored
     if error is not None:
         raise error
     return replace(result, refresh_lease=None)
+
+
+def _read(entries: EntryAccess, key: str) -> str | None:
+    with entries.locked(key) as entry:
+        return entry.raw
 
 
 class RefreshJob:
@@ -295,6 +367,7 @@ class RefreshJob:
     def __init__(self, cipher: Any, conn_id: str, seen_generation: int, force: bool, nonce: Any, entries: EntryAccess):
         self.cipher, self.conn_id, self.seen_generation = cipher, conn_id, seen_generation
         self.force, self.nonce, self.entries = force, nonce, entries
+        self._config: Any = None
 
     def attempt(self) -> tuple[int, dict[str, Any]] | None:
         """(HTTP status, JSON body), or None while another request's refresh claim is live. Never raises."""
@@ -304,7 +377,9 @@ class RefreshJob:
         conn_id = self.conn_id
         try:
             try:
-                config = _server_config(conn_id)
+                if self._config is None:  # once per request, not once per look while waiting
+                    self._config = _server_config(conn_id)
+                config = self._config
             except PapertrailConfigurationError as exc:
                 return _misconfigured(str(exc))
             store = VariableTokenStore(
@@ -376,7 +451,7 @@ def busy_answer(conn_id: str) -> tuple[int, dict[str, Any]]:
     return 503, {
         "error": "unavailable",
         "message": f"another refresh of the grant of {conn_id!r} is still running after {LEASE_WAIT_SECONDS:.0f} s "
-        "(a slow token endpoint); retry the task: its result will be stored",
+        "(a slow token endpoint, or a coordinator that died while refreshing: its claim then expires); retry the task",
     }
 
 
@@ -452,8 +527,15 @@ def api_server_url(path: str) -> str | None:
     return urlunsplit((parts.scheme, parts.netloc, base + path, "", ""))
 
 
-def get_valid_token(hook: PapertrailHook, *, force_refresh: bool = False) -> Token:
-    """A valid access token for ``hook``'s connection (see the module docstring)."""
+def get_valid_token(
+    hook: PapertrailHook, *, force_refresh: bool = False, refused_generation: int | None = None
+) -> Token:
+    """A valid access token for ``hook``'s connection (see the module docstring).
+
+    :param force_refresh: the server refused the token (a 401).
+    :param refused_generation: the generation of the refused token. With it, a grant that
+        someone else refreshed since is used as it is, never refreshed again.
+    """
     from airflow.sdk import conf
 
     conn_id = hook.papertrail_conn_id
@@ -461,11 +543,13 @@ def get_valid_token(hook: PapertrailHook, *, force_refresh: bool = False) -> Tok
     if stored is None:
         raise ReauthorizationRequired(conn_id, "no grant is stored for this connection")
     check_binding(stored, hook.config)  # before any token goes anywhere (data API or refresh)
-    decision = plan(
-        stored, seen_generation=stored.generation, force=force_refresh, leeway=hook.config.leeway, now=time.time()
-    )
+    seen = stored.generation if refused_generation is None or not force_refresh else refused_generation
+    decision = plan(stored, seen_generation=seen, force=force_refresh, leeway=hook.config.leeway, now=time.time())
     if decision == USE:
+        hook.issued_generation = stored.generation
         return stored.token
+    if seen != stored.generation:
+        stored = replace(stored, generation=seen)  # what the caller saw: the coordinator compares with it
     mode = str(conf.get(CONFIG_SECTION, "refresh_coordinator", fallback="auto") or "auto").lower()
     if mode not in ("auto", "api-server", "local"):
         raise PapertrailConfigurationError(
@@ -505,10 +589,8 @@ def _via_api_server(hook: PapertrailHook, stored: StoredGrant, force: bool) -> T
     try:
         response = requests.post(url, json={"ticket": ticket}, timeout=(5, COORDINATOR_TIMEOUT), allow_redirects=False)
     except (requests.exceptions.ConnectionError, requests.exceptions.Timeout) as exc:
-        from airflow_papertrail.oauth.client import _never_sent
-
-        if _never_sent(exc):
-            raise CoordinatorUnavailable(f"{url} not reachable ({type(exc).__name__})") from None
+        if _refused(exc):
+            raise CoordinatorUnavailable(f"{url} refused the connection ({type(exc).__name__})") from None
         raise TransientOAuthError(
             f"the api-server's refresh coordinator did not answer ({type(exc).__name__}); the refresh, if it "
             "started, completes there and is stored: retry the task"
@@ -579,6 +661,7 @@ def _via_api_server(hook: PapertrailHook, stored: StoredGrant, force: bool) -> T
             f"yet; retry the task (if this persists, a secrets backend may shadow the Variable "
             f"{grant_variable_key(conn_id)!r})"
         )
+    hook.issued_generation = int(answer["generation"])
     return Token(
         access_token=str(answer["access_token"]),
         token_type=str(answer.get("token_type") or "Bearer"),
@@ -586,6 +669,25 @@ def _via_api_server(hook: PapertrailHook, stored: StoredGrant, force: bool) -> T
         expires_at=float(answer["expires_at"]),
         scope=answer.get("scope"),
     )
+
+
+def _refused(exc: BaseException) -> bool:
+    """Whether the coordinator's host actively refused the connection (nothing listens there).
+
+    Only that, or Starlette's own "no such route", lets ``auto`` refresh on this machine: a DNS
+    failure or a connect timeout says nothing about whether an api-server is refreshing.
+    """
+    seen: set[int] = set()
+    cur: BaseException | None = exc
+    while cur is not None and id(cur) not in seen:
+        seen.add(id(cur))
+        if isinstance(cur, ConnectionRefusedError):
+            return True
+        reason = getattr(cur, "reason", None)
+        nxt = reason if isinstance(reason, BaseException) else None
+        nxt = nxt or next((a for a in getattr(cur, "args", ()) if isinstance(a, BaseException)), None)
+        cur = nxt or cur.__cause__ or cur.__context__
+    return False
 
 
 def _json_object(response: Any) -> dict[str, Any] | None:
@@ -630,6 +732,7 @@ def _locally(hook: PapertrailHook, seen: StoredGrant, force: bool) -> Token:
         check_binding(stored, hook.config)
         now = time.time()
         if plan(stored, seen_generation=seen.generation, force=force, leeway=hook.config.leeway, now=now) == USE:
+            hook.issued_generation = stored.generation
             return stored.token
         if stored.refresh_lease is not None and float(stored.refresh_lease.get("until", 0)) > now:
             raise TransientOAuthError(
@@ -641,4 +744,5 @@ def _locally(hook: PapertrailHook, seen: StoredGrant, force: bool) -> Token:
         )
     if error is not None:
         raise error
+    hook.issued_generation = grant.generation
     return grant.token

@@ -89,6 +89,9 @@ class StoredGrant:
     #: it expires, then the same refresh token is presented once more; at two the grant needs
     #: consent again (token-custody.md, "A lost refresh answer").
     unknown_refresh_outcomes: int = 0
+    #: When the last of those answers was lost (epoch s): the token is presented again only
+    #: after a quiet period, in case the server is still processing the lost request.
+    unknown_at: float | None = None
     #: Set once the server refused the refresh token (``invalid_grant``): the OAuth error and
     #: its safe description. The access token is still used until it expires; nothing is
     #: presented again.
@@ -118,6 +121,8 @@ class StoredGrant:
             # Read by releases before 0.1.0's lost-answer policy: they refuse such a grant (safe).
             "refresh_outcome_unknown": self.refresh_outcome_unknown,
         }
+        if self.unknown_at is not None:
+            payload["unknown_at"] = self.unknown_at
         if self.issued_for is not None:
             payload["issued_for"] = dict(self.issued_for)
         if self.refresh_lease is not None:
@@ -181,6 +186,7 @@ class VariableTokenStore:
                 unknown_refresh_outcomes=int(
                     payload.get("unknown_refresh_outcomes", 1 if payload.get("refresh_outcome_unknown") else 0)
                 ),
+                unknown_at=float(payload["unknown_at"]) if payload.get("unknown_at") is not None else None,
                 reauthorization_error=payload.get("reauthorization_error"),
                 reauthorization_reason=payload.get("reauthorization_reason"),
                 issued_for=_binding_or_none(payload.get("issued_for")),

@@ -228,6 +228,9 @@ class PapertrailHook(BaseHook):
     def __init__(self, papertrail_conn_id: str = default_conn_name, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.papertrail_conn_id = papertrail_conn_id
+        #: Generation of the grant whose access token this hook handed out last: after a 401,
+        #: only that token is refreshed (a newer grant someone else stored is used as it is).
+        self.issued_generation: int | None = None
 
     @cached_property
     def connection(self) -> Connection:
@@ -267,7 +270,8 @@ class PapertrailHook(BaseHook):
         """
         from airflow_papertrail.refresh import get_valid_token
 
-        return get_valid_token(self, force_refresh=force_refresh).access_token
+        refused = self.issued_generation if force_refresh else None
+        return get_valid_token(self, force_refresh=force_refresh, refused_generation=refused).access_token
 
     @cached_property
     def data_client(self) -> DataClient:

@@ -279,7 +279,7 @@ def create_app(*, entries: EntryAccess | None = None, store: AuthorizationStore 
             return _token_answer(413, {"error": "invalid_request", "message": "body too large"})
         try:
             request_body = json.loads(raw)
-        except ValueError:
+        except (ValueError, RecursionError):  # RecursionError: deeply nested arrays
             return _token_answer(400, {"error": "invalid_request", "message": "the body is not JSON"})
         ticket = request_body.get("ticket") if isinstance(request_body, dict) else None
         if not isinstance(ticket, str) or len(ticket) > MAX_TICKET_CHARS:

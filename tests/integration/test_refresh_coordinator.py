@@ -92,8 +92,11 @@ def test_429_on_the_token_endpoint_is_retried_by_the_coordinator(grant):
     assert emulator.grant_is_active(store.load().token.refresh_token)
 
 
-def test_lost_answer_is_a_retryable_error_and_presented_once_more(grant):
+def test_lost_answer_is_a_retryable_error_and_presented_once_more(grant, monkeypatch):
     """The full policy is in test_refresh_policy.py; here: what the route answers."""
+    from airflow_papertrail import refresh
+
+    monkeypatch.setattr(refresh, "RETRY_QUIET_SECONDS", 0.0)
     emulator, store, stored, ask = grant
     emulator.inject("token", drop_after_processing=True)
     status, body = ask(stored.generation)
@@ -360,6 +363,9 @@ def test_a_claim_left_by_a_dead_coordinator_is_taken_over_once_expired(grant):
     store.write(dc_replace(store.load(), refresh_lease={"id": "dead", "until": time.time() - 1}))
     status, body = ask(stored.generation)
     assert status == 200 and emulator.stats["refresh_grants"] == 1
+    # The dead holder may have sent its request: the takeover counted it as a lost answer, and
+    # the one more presentation it allows was this one.
+    assert store.load().unknown_refresh_outcomes == 0  # cleared by the successful refresh
 
 
 def test_a_live_claim_makes_others_wait_then_answer_busy(grant, monkeypatch):
@@ -383,3 +389,51 @@ def test_a_refresh_that_fails_before_reaching_the_server_releases_its_claim(gran
     assert store.load().refresh_lease is None  # released: the next request need not wait it out
     status, body = ask(stored.generation)
     assert status == 200 and emulator.stats["refresh_grants"] == 1
+
+
+def test_taking_over_a_dead_claim_counts_a_lost_answer(grant):
+    from dataclasses import replace as dc_replace
+
+    emulator, store, stored, ask = grant
+    once_lost = dc_replace(store.load(), unknown_refresh_outcomes=1)
+    store.write(dc_replace(once_lost, refresh_lease={"id": "dead", "until": time.time() - 1}))
+    status, body = ask(stored.generation)
+    assert status == 409 and "refreshes in a row" in body["message"]  # the dead claim was the second loss
+    assert emulator.stats["token_requests"] == 1  # only the exchange: never presented a third time
+
+
+def test_a_result_that_cannot_be_stored_keeps_the_claim(grant, monkeypatch):
+    """Once the token request was sent, releasing the claim would let the next request present a rotated token."""
+    from airflow_papertrail.hooks.papertrail import config_from_connection
+    from airflow_papertrail.plugins.locking import OrmEntryAccess
+    from airflow_papertrail.refresh import coordinated_refresh
+
+    emulator, store, stored, _ = grant
+    access = OrmEntryAccess()
+    calls = {"n": 0}
+    real_locked = access.locked
+
+    def failing_after_claim(key):
+        calls["n"] += 1
+        if calls["n"] >= 2:  # the claim commits; every write of the result fails
+            raise RuntimeError("database connection lost")
+        return real_locked(key)
+
+    monkeypatch.setattr(access, "locked", failing_after_claim)
+    from airflow.models.connection import Connection
+
+    config = config_from_connection(Connection.get_connection_from_secrets(CONN)).validate(need_redirect_uri=False)
+    with pytest.raises(RuntimeError):
+        coordinated_refresh(
+            CONN,
+            seen_generation=stored.generation,
+            force=False,
+            entries=access,
+            store=store,
+            client_factory=lambda: OAuthClient(config),
+            config=config,
+            sleep=lambda s: None,
+        )
+    assert emulator.stats["refresh_grants"] == 1
+    left = store.load()
+    assert left.refresh_lease is not None  # kept: nobody presents the rotated token before it expires

@@ -99,6 +99,14 @@ class Custody:
         remember_secrets(*self.emulator.issued_secrets)
 
 
+@pytest.fixture
+def no_quiet_period(monkeypatch):
+    """The next try comes at once here; the quiet period has a test of its own."""
+    from airflow_papertrail import refresh
+
+    monkeypatch.setattr(refresh, "RETRY_QUIET_SECONDS", 0.0)
+
+
 @pytest.fixture(params=["api-server", "local"])
 def custody(request, airflow_db, monkeypatch, fernet_key):
     made: list[Custody] = []
@@ -172,7 +180,7 @@ def test_a_lost_answer_keeps_the_grant_while_its_access_token_is_valid(custody, 
 
 
 @pytest.mark.parametrize("fault", LOST_AFTER_ROTATION)
-def test_after_rotation_the_second_try_ends_in_reauthorization(custody, fault):
+def test_after_rotation_the_second_try_ends_in_reauthorization(custody, no_quiet_period, fault):
     c = custody(3600)
     c.expire()
     _answer_lost(c, fault)
@@ -187,7 +195,7 @@ def test_after_rotation_the_second_try_ends_in_reauthorization(custody, fault):
     assert c.emulator.stats["token_requests"] == 3  # never a third presentation
 
 
-def test_lost_before_rotation_recovers_on_the_next_try(custody):
+def test_lost_before_rotation_recovers_on_the_next_try(custody, no_quiet_period):
     c = custody(3600)
     c.expire()
     c.emulator.inject("token", status=502)  # a gateway's 502: the server may or may not have processed it
@@ -200,7 +208,7 @@ def test_lost_before_rotation_recovers_on_the_next_try(custody):
     assert c.emulator.stats["refresh_grants"] == 1 and c.emulator.stats["grants_revoked"] == 0
 
 
-def test_two_lost_answers_in_a_row_end_the_grant(custody):
+def test_two_lost_answers_in_a_row_end_the_grant(custody, no_quiet_period):
     c = custody(3600)
     c.expire()
     c.emulator.inject("token", status=502, times=2)
@@ -240,3 +248,33 @@ def test_a_refresh_binds_a_grant_stored_before_bindings(custody):
     assert c.store.load().issued_for is None
     c.ask()
     assert c.store.load().issued_for == c.config.binding()
+
+
+def test_after_a_lost_answer_the_token_is_presented_again_only_after_a_quiet_period(custody, monkeypatch):
+    """The lost request may still be in the server's hands: a second one racing it would look like reuse."""
+    from airflow_papertrail import refresh
+
+    c = custody()
+    c.expire()
+    c.emulator.inject("token", status=502)
+    with pytest.raises(TransientOAuthError, match="was lost"):
+        c.ask()
+    calls = c.emulator.stats["token_requests"]
+    with pytest.raises(TransientOAuthError, match="presented again only 60 s after"):
+        c.ask()
+    assert c.emulator.stats["token_requests"] == calls  # nothing presented inside the quiet period
+    monkeypatch.setattr(refresh, "RETRY_QUIET_SECONDS", 0.0)  # ... and once it has passed:
+    assert c.ask().access_token != c.first.access_token
+
+
+def test_a_401_never_refreshes_a_grant_someone_else_refreshed_since(custody):
+    """Issue 9 item 1 / 13 item 7: the refused token's generation, not the stored one, decides."""
+    c = custody()
+    c.save(c.first)  # generation 1, valid
+    hook = PapertrailHook(CONN)
+    assert hook.get_access_token() == c.first.access_token and hook.issued_generation == 1
+    newer = c.ask(force=True)  # another task got a 401 and refreshed: generation 2
+    assert c.store.load().generation == 2
+    refreshes = c.emulator.stats["refresh_grants"]
+    assert hook.get_access_token(force_refresh=True) == newer.access_token  # our 401 was for generation 1
+    assert c.emulator.stats["refresh_grants"] == refreshes  # was one more rotation
