@@ -71,3 +71,20 @@ def test_round_trip_and_repr_hide_values():
     )
     assert Token.from_dict(t.to_dict()) == t
     assert "VALUE" not in repr(t) and "VALUE" not in str(t)
+
+
+def test_expires_in_zero_is_no_expiry_information():
+    """A token dead on arrival cannot be what the server meant: 0 is treated like a missing expires_in
+    (assumed hour, expiry_assumed), so every call does not refresh again (token-custody.md)."""
+    t = Token.from_response({"access_token": "a", "expires_in": 0}, now=NOW)
+    assert t.expiry_assumed and t.expires_at == NOW + 3600
+
+
+@pytest.mark.parametrize(
+    ("lifetime", "leeway", "effective"), [(3600, 120, 120), (300, 120, 120), (60, 120, 30), (5, 120, 2.5), (0, 120, 0)]
+)
+def test_effective_leeway_is_bounded_by_half_the_lifetime(lifetime, leeway, effective):
+    t = Token(access_token="a", token_type="Bearer", obtained_at=NOW, expires_at=NOW + lifetime)
+    assert t.refresh_leeway(leeway) == effective
+    assert not t.due_for_refresh(leeway, NOW + lifetime / 2 - 0.01) or lifetime == 0
+    assert t.due_for_refresh(leeway, NOW + lifetime - effective)
