@@ -40,7 +40,17 @@ COMPAT_VENV = ROOT / ".venv-airflow-3.2"
 # integration suites (metadata DB, dag.test(), a real api-server with our plugin), plus the
 # authorization E2E, the one place where a real triggerer runs our trigger, which is the code
 # most sensitive to the Airflow version. The long refresh-concurrency and demo E2Es run on 3.3.2 only.
-COMPAT_TESTS = ["tests/unit", "tests/integration", "tests/e2e/test_authorize_flow.py", "tests/test_zz_log_canary.py"]
+COMPAT_TESTS = [
+    "tests/unit",
+    "tests/integration",
+    "tests/e2e/test_authorize_flow.py",
+    "tests/test_zz_log_canary.py",
+    # Not version-sensitive, and the 30-minute CI budget: the wheel/sdist contents (no Airflow
+    # involved) and the PostgreSQL row-lock primitive (plain SQLAlchemy on the Variable table;
+    # the coordinator's use of it runs on 3.2.2 through test_refresh_coordinator/test_refresh_policy).
+    "--ignore=tests/integration/test_packaging.py",
+    "--ignore=tests/integration/test_postgres_locking.py",
+]
 UV_VERSION = "0.13.9"
 BIN = "Scripts" if os.name == "nt" else "bin"
 

@@ -104,9 +104,12 @@ def _run(stack, **conf) -> tuple[str, dict]:
     return state, {ti["map_index"]: ti for ti in tis}
 
 
-@pytest.mark.parametrize("ttl", [30, 300, 3600])
+# 300 s tokens are in the same regime as 3600 s ones (half their life, 150 s, exceeds the 120 s
+# leeway): tests/integration/test_refresh_policy.py runs 30, 300 and 3600 on both serializations;
+# here, with the real scheduler, the two regimes (CI's 30-minute budget).
+@pytest.mark.parametrize("ttl", [30, 3600])
 def test_32_tasks_one_refresh(stack, emulator, ttl):
-    """Access-token lifetimes below, near and far above the 120 s leeway (issue 9, item 1)."""
+    """Access-token lifetimes below and far above the 120 s leeway (issue 9, item 1)."""
     emulator.access_token_ttl = ttl  # what the refresh issues
     generation = _store_expired_grant(stack, emulator)
     refreshes = emulator.stats["refresh_grants"]
