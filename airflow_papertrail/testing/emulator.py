@@ -984,6 +984,7 @@ class PapertrailEmulator:
         self._faults: dict[str, deque[_Fault]] = {name: deque() for name in FAULT_ENDPOINTS}
         self._issued: set[str] = set()
         self._writes: list[dict[str, Any]] = []
+        self._api_params: list[dict[str, str]] = []
         self._write_seq = 0
         self._conns: set[socket.socket] = set()
 
@@ -1230,9 +1231,16 @@ class PapertrailEmulator:
 
     @property
     def writes(self) -> list[dict[str, Any]]:
-        """Every accepted write, oldest first (a copy): module, query, system, id, payload, idempotency_key."""
+        """Every accepted write, oldest first (a copy): module, query, system, id, payload (parsed),
+        body (the request body's text, as sent), idempotency_key."""
         with self._lock:
             return [dict(w) for w in self._writes]
+
+    @property
+    def api_params(self) -> list[dict[str, str]]:
+        """The query-string parameters (and ``module``) of every authenticated data call, oldest first."""
+        with self._lock:
+            return [dict(p) for p in self._api_params]
 
     def grant_is_active(self, refresh_token_or_access_token: str) -> bool:
         """Whether the grant this access or refresh token belongs to is still alive."""
@@ -1712,6 +1720,8 @@ class PapertrailEmulator:
                     "error_description": "repeated parameters: " + ", ".join(sorted(repeated)),
                 },
             )
+        with self._lock:  # what a data call asked for, after authentication (tests read api_params)
+            self._api_params.append({"module": module, **params})
         system = params.get("system")
         if not system:
             return _json_response(
@@ -1792,6 +1802,7 @@ class PapertrailEmulator:
                     "system": system,
                     "id": record_id,
                     "payload": payload,
+                    "body": request.body.decode("utf-8"),
                     "idempotency_key": idempotency_key,
                 }
             )
