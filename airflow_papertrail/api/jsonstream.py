@@ -3,33 +3,69 @@
 Papertrail-ai answers a list query with one JSON document; for years of ledger lines that
 document is large. :class:`RecordStream` takes the body in chunks (as they come off the
 socket) and hands back the records as soon as each one is complete, so memory stays
-bounded by the largest single record plus one chunk, never by the body.
+bounded by the largest single record plus the chunks that arrived while it was incomplete,
+never by the body.
 
-Which values are "the records" (the same rules for every answer):
+Which values are "the records" (the same rules for every answer; ``key`` is ``"data"``
+unless another member name is given):
 
-* a top-level array: its items;
-* a top-level object with a ``"data"`` member that is an array: the items of that array
+* a top-level array: its items (:attr:`RecordStream.top_array` is then true);
+* a top-level object with a ``key`` member that is an array: the items of that array
   (the other members, e.g. ``status`` or ``count``, end up in :attr:`RecordStream.envelope`);
-* ``"data"`` that is an object or another non-null value (a report, one invoice): that
-  value, as a single record; ``"data": null``: no record;
-* a top-level object without ``"data"``: the whole object as a single record (nothing is
-  silently dropped because the service used another shape).
+* ``key`` that is an object or another non-null value (a report, one invoice): that
+  value, as a single record; ``key`` that is ``null``: no record;
+* a top-level object without ``key``: if one of its members is an array, the records were
+  probably meant to be that array and :meth:`RecordStream.close` raises
+  :class:`RecordsNotFound` naming the array-valued members; otherwise the whole object is a
+  single record (nothing is silently dropped because the service used another shape).
 
-Each record is decoded by the standard library's C scanner (``json`` module), on a rolling
-text buffer; only the structure around the records is walked here. Records split across
-chunks, multi-byte UTF-8 characters split across chunks, whitespace anywhere and strings
-holding brackets, quotes or escapes are all handled. Malformed or truncated input raises
-:class:`JsonStreamError` with the character position.
+Two modes:
+
+* **object mode** (the default): each record is decoded by the standard library's C
+  scanner (``json`` module) on a rolling text buffer, with floats parsed by
+  ``parse_float`` (default :class:`decimal.Decimal`, so ``1150.00`` stays ``1150.00`` and
+  ``12345678901234567.89`` stays exact); integers are ``int``.
+* **raw mode** (``raw=True``, for extraction): each record is its text exactly as the
+  service sent it, as UTF-8 bytes, except that every CR and LF character becomes a space
+  (in valid JSON a raw CR/LF can only be whitespace between tokens, so the record's
+  meaning is unchanged and it fits on one line). Numbers are never converted (``1e400``
+  stays ``1e400``), non-ASCII characters stay as sent. :meth:`RecordStream.feed_lines`
+  returns the records of a chunk as one JSON-lines blob. Inside an array of records the
+  hot path cuts the buffer at a ``,`` between two records (a ``}``/``]``, the comma, a
+  ``{``/``[``) near its end and validates everything before the cut with msgspec
+  (``msgspec.json.Decoder(list[msgspec.Raw])`` on ``"[" + prefix + "]"``): a cut that is in
+  fact inside a string or a nested array cannot parse, so a successful parse proves the
+  prefix is a sequence of complete, valid records, and msgspec hands back each one's
+  exact bytes. When no cut parses (the last record before ``]``, arrays of scalars, a
+  record larger than the buffer, nesting deeper than msgspec allows, ``"\\ud800"``-style
+  lone surrogate escapes that ``json.loads`` accepts and msgspec refuses, and every
+  error), one record is taken by the C scanner instead, so what is accepted and the error
+  messages and positions are those of the C scanner.
+
+In both modes ``NaN``, ``Infinity`` and ``-Infinity`` are refused (they are not JSON), the
+envelope is decoded as in object mode, and the body is checked to be strict UTF-8 (by an
+incremental decoder, chunk by chunk). Records split across chunks, multi-byte UTF-8
+characters split across chunks, whitespace anywhere and strings holding brackets, quotes
+or escapes are all handled. Malformed or truncated input raises :class:`JsonStreamError`
+with the character position.
+
+A record that spans many chunks costs time linear in its size: while it is incomplete the
+arriving chunks are kept in a list, and the buffer is rebuilt (one join) and the record
+re-scanned only each time the pending text has doubled.
 """
 
 from __future__ import annotations
 
 import codecs
+import collections
 import contextlib
+import decimal
 import json
 import re
 from json.scanner import make_scanner
 from typing import TYPE_CHECKING, Any, NoReturn, cast
+
+import msgspec
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterable, Iterator
@@ -46,6 +82,13 @@ _NUMBER_GOES_ON = "0123456789.eE+-"
 _NUMBER_TAIL = re.compile(r"[0-9.eE+\-]+")
 # A decode error this close to the end of the buffer may only mean "more bytes needed".
 _TAIL = 8
+
+# Raw-mode hot path: a cut candidate is a ',' between a closing and an opening bracket.
+_CUT = re.compile(r"[}\]][ \t\n\r]*,[ \t\n\r]*(?=[{\[])")
+# How a record starts: its opening bracket and first member name; once learnt from the
+# first record, candidates followed by the same text are tried first.
+_SIGNATURE = re.compile(r'\{[ \t\n\r]*"[^"\\]{1,64}"[ \t\n\r]*:')
+_HOT_TRIES = 6  # msgspec parses tried per hot-path attempt
 
 # parser states
 _START = 0
@@ -65,6 +108,15 @@ def _may_go_on(buf: str, end: int, n: int) -> bool:
     return end >= n or _NUMBER_TAIL.fullmatch(buf, end) is not None
 
 
+def _one_line(text: str) -> str:
+    """CR and LF (whitespace between tokens in valid JSON) become spaces."""
+    if "\n" in text:
+        text = text.replace("\n", " ")
+    if "\r" in text:
+        text = text.replace("\r", " ")
+    return text
+
+
 class JsonStreamError(ValueError):
     """The body is not the JSON document it should be (malformed, truncated, too large).
 
@@ -78,8 +130,34 @@ class JsonStreamError(ValueError):
         super().__init__(f"{message}{where}")
 
 
+class RecordsNotFound(JsonStreamError):
+    """A top-level object has no ``key`` member but has array-valued members.
+
+    :param message: what is wrong.
+    :param members: the names of the array-valued members, in document order.
+    """
+
+    def __init__(self, message: str, members: list[str]) -> None:
+        self.members = members
+        super().__init__(message)
+
+
 class _NeedMore(Exception):
     """Internal: the buffer ends before the value does."""
+
+
+class _NonFinite(Exception):
+    """Internal: the C scanner met NaN, Infinity or -Infinity."""
+
+
+def _refuse_constant(name: str) -> NoReturn:
+    raise _NonFinite(name)
+
+
+def _scanner(parse_float: Callable[[str], Any]) -> Callable[[str, int], tuple[Any, int]]:
+    decoder = json.JSONDecoder(parse_float=parse_float, parse_constant=_refuse_constant)
+    # The C scanner when available; typeshed types make_scanner's argument oddly.
+    return cast("Callable[[str, int], tuple[Any, int]]", make_scanner(cast("Any", decoder)))
 
 
 class RecordStream:
@@ -94,29 +172,58 @@ class RecordStream:
         for record in stream.close():  # also checks the document was complete
             ...
 
-    :param key: the member of a top-level object that holds the records.
+        stream = RecordStream(raw=True)  # extraction: exact text, one JSON line each
+        for chunk in chunks:
+            blob, count = stream.feed_lines(chunk)
+            out.write(blob)
+        blob, count = stream.close_lines()
+        out.write(blob)
+
+    :param key: the member of a top-level object that holds the records (any name).
     :param max_record_chars: refuse a single record (or envelope member) larger than this.
+    :param raw: records are their UTF-8 text as sent (CR/LF turned into spaces), as bytes.
+    :param parse_float: turns the text of a JSON number with a fraction or exponent into a
+        value (object mode and the envelope); integers are always ``int``.
     """
 
-    def __init__(self, *, key: str = "data", max_record_chars: int = DEFAULT_MAX_RECORD_CHARS) -> None:
+    def __init__(
+        self,
+        *,
+        key: str = "data",
+        max_record_chars: int = DEFAULT_MAX_RECORD_CHARS,
+        raw: bool = False,
+        parse_float: Callable[[str], Any] = decimal.Decimal,
+    ) -> None:
         self.key = key
         self.max_record_chars = max_record_chars
+        self.raw = raw
         #: Top-level members other than ``key`` (e.g. ``status``, ``count``), once seen.
         self.envelope: dict[str, Any] = {}
         #: Whether the top level was an object with ``key`` in it.
         self.key_seen = False
+        #: Whether the body is a top-level array (its items are the records).
+        self.top_array = False
         #: Records handed out so far.
         self.records = 0
         self._decoder = codecs.getincrementaldecoder("utf-8")("strict")
-        # The C scanner when available; typeshed types make_scanner's argument oddly.
-        self._scan: Callable[[str, int], tuple[Any, int]] = make_scanner(cast("Any", json.JSONDecoder()))
+        self._env_scan = _scanner(parse_float)
+        # Records: in raw mode only their span matters (floats parsed the cheap way).
+        self._scan = _scanner(float) if raw else self._env_scan
+        self._msgspec = msgspec.json.Decoder(list[msgspec.Raw])
         self._buf = ""
         self._pos = 0
         self._offset = 0  # characters dropped from the front of _buf so far
+        self._pending: list[str] = []  # text arrived while a record is incomplete, not in _buf yet
+        self._pending_len = 0
+        self._joins = 0  # times the pending text was joined into _buf (tests)
         self._state = _START
-        self._top_array = False
         self._member: str | None = None
+        self._member_raw = ""  # raw mode: the member name's text, as sent
+        self._members_raw: list[str] = []  # raw mode: '"name":value' of the envelope members
         self._retry_len = 0  # do not re-try a partial value before this many chars are pending
+        self._hot_block = 0  # raw mode: no hot path before this body position (a failed cut)
+        self._signature: str | None = None  # raw mode: how the first record started ("": unknown)
+        self._lines = False  # feed_lines/close_lines: records are collected as JSON lines
         self._first = True
         self._closed = False
 
@@ -127,14 +234,17 @@ class RecordStream:
         return self._state == _DONE
 
     def feed(self, chunk: bytes) -> list[Any]:
-        """Add the next piece of the body; return the records it completed (maybe none)."""
+        """Add the next piece of the body; return the records it completed (maybe none).
+
+        Object mode: decoded values; raw mode: each record's text as UTF-8 ``bytes``.
+        """
         if self._closed:
             raise JsonStreamError("feed() after close()")
         try:
             text = self._decoder.decode(chunk)
         except UnicodeDecodeError as exc:
             raise JsonStreamError(
-                f"the body is not valid UTF-8 ({exc.reason})", self._offset + len(self._buf)
+                f"the body is not valid UTF-8 ({exc.reason})", self._offset + len(self._buf) + self._pending_len
             ) from None
         if not text:
             return []
@@ -143,9 +253,16 @@ class RecordStream:
             if text[0] == "\ufeff":  # tolerate a byte order mark
                 text = text[1:]
                 self._offset += 1
-        self._buf = self._buf[self._pos :] + text if self._pos else self._buf + text
-        self._offset += self._pos
-        self._pos = 0
+        if self._retry_len:
+            # A record is incomplete: keep the text aside until re-trying is worth it.
+            pending = len(self._buf) - self._pos + self._pending_len + len(text)
+            if pending < self._retry_len:
+                self._pending.append(text)
+                self._pending_len += len(text)
+                if pending > self.max_record_chars:
+                    raise self._error(f"a single record is larger than {self.max_record_chars} characters", self._pos)
+                return []
+        self._take(text)
         out: list[Any] = []
         self._run(out, eof=False)
         return out
@@ -158,12 +275,11 @@ class RecordStream:
             tail = self._decoder.decode(b"", final=True)
         except UnicodeDecodeError as exc:
             raise JsonStreamError(
-                f"the body ends inside a UTF-8 character ({exc.reason})", self._offset + len(self._buf)
+                f"the body ends inside a UTF-8 character ({exc.reason})",
+                self._offset + len(self._buf) + self._pending_len,
             ) from None
         self._closed = True
-        self._buf = self._buf[self._pos :] + tail
-        self._offset += self._pos
-        self._pos = 0
+        self._take(tail)
         self._retry_len = 0
         out: list[Any] = []
         self._run(out, eof=True)
@@ -174,15 +290,65 @@ class RecordStream:
                 "the body ended before the JSON document was complete (truncated answer?)",
                 self._offset + len(self._buf),
             )
-        if not self._top_array and not self.key_seen:
-            # No "data" member: the object itself is the record.
-            out.append(dict(self.envelope))
+        if not self.top_array and not self.key_seen:
+            arrays = [name for name, value in self.envelope.items() if isinstance(value, list)]
+            if arrays:
+                listing = ", ".join(repr(name) for name in arrays)
+                raise RecordsNotFound(
+                    f"the top-level object has no {self.key!r} member, but array-valued members {listing}: "
+                    "name the one that holds the records (key=...)",
+                    arrays,
+                )
+            # No key member and nothing that looks like records: the object itself is the record.
+            if self.raw:
+                self._emit_text("{" + ",".join(self._members_raw) + "}", out)
+            else:
+                out.append(dict(self.envelope))
             self.records += 1
         return out
 
+    def feed_lines(self, chunk: bytes) -> tuple[bytes, int]:
+        """Raw mode: :meth:`feed`, the records as one JSON-lines blob (each ``\\n``-terminated) and their count."""
+        return self._as_lines(self.feed, chunk)
+
+    def close_lines(self) -> tuple[bytes, int]:
+        """Raw mode: :meth:`close`, the last records as one JSON-lines blob and their count."""
+        return self._as_lines(self.close)
+
     # -- machinery ------------------------------------------------------------------------
+    def _as_lines(self, call: Callable[..., list[Any]], *args: bytes) -> tuple[bytes, int]:
+        if not self.raw:
+            raise TypeError("feed_lines()/close_lines() need RecordStream(raw=True)")
+        before = self.records
+        self._lines = True
+        try:
+            parts = call(*args)
+        finally:
+            self._lines = False
+        return b"".join(parts), self.records - before
+
+    def _take(self, text: str) -> None:
+        """Drop what is consumed from the buffer and append the pending text and ``text``."""
+        if self._pending:
+            self._pending.append(text)
+            self._buf = "".join([self._buf[self._pos :], *self._pending])
+            self._pending = []
+            self._pending_len = 0
+            self._joins += 1
+        elif self._pos:
+            self._buf = self._buf[self._pos :] + text
+        else:
+            self._buf += text
+        self._offset += self._pos
+        self._pos = 0
+
     def _error(self, message: str, pos: int) -> JsonStreamError:
         return JsonStreamError(message, self._offset + pos)
+
+    def _emit_text(self, text: str, out: list[Any]) -> None:
+        """Raw mode: one record given as its text."""
+        text = _one_line(text)
+        out.append((text + "\n").encode() if self._lines else text.encode())
 
     def _skip_ws(self, pos: int) -> int:
         buf = self._buf
@@ -190,14 +356,16 @@ class RecordStream:
             return _WS.match(buf, pos).end()  # type: ignore[union-attr]  # '*' always matches
         return pos
 
-    def _decode(self, pos: int, eof: bool) -> tuple[Any, int]:
+    def _decode(
+        self, pos: int, eof: bool, scan: Callable[[str, int], tuple[Any, int]] | None = None
+    ) -> tuple[Any, int]:
         """Decode one value at ``pos``; raise _NeedMore when the buffer may end inside it."""
         buf = self._buf
         n = len(buf)
         if not eof and n - pos < self._retry_len:
             raise _NeedMore
         try:
-            value, end = self._scan(buf, pos)
+            value, end = (scan or self._scan)(buf, pos)
         except StopIteration as stop:
             err_pos = stop.value if isinstance(stop.value, int) else pos
             self._decode_failed("Expecting value", err_pos, pos, eof)
@@ -205,6 +373,10 @@ class RecordStream:
             self._decode_failed(exc.msg, exc.pos, pos, eof)
         except RecursionError:
             raise self._error("a record is nested too deeply", pos) from None
+        except _NonFinite as exc:
+            raise self._error(
+                f"{exc.args[0]} is not JSON (non-finite numbers are refused; in the value starting here)", pos
+            ) from None
         if not eof and _may_go_on(buf, end, n):
             self._retry_len = 0
             raise _NeedMore
@@ -224,7 +396,8 @@ class RecordStream:
                 f"a single record is larger than {self.max_record_chars} characters (or the body is malformed: {msg})",
                 start,
             ) from None
-        # Re-try only once the buffer has doubled: a huge record costs O(size), not O(size^2).
+        # Re-try only once the pending text has doubled: a huge record costs O(size), not
+        # O(size^2); feed() keeps the chunks aside until then.
         self._retry_len = 2 * (n - start) + 1
         raise _NeedMore
 
@@ -251,7 +424,7 @@ class RecordStream:
             char = buf[pos]
             if state == _START:
                 if char == "[":
-                    self._top_array = True
+                    self.top_array = True
                     self._state, self._pos = _ARRAY_FIRST, pos + 1
                 elif char == "{":
                     self._state, self._pos = _OBJ_FIRST, pos + 1
@@ -260,12 +433,13 @@ class RecordStream:
             elif state in (_OBJ_FIRST, _OBJ_KEY):
                 if char == '"':
                     self._pos = pos
-                    key, end = self._decode(pos, eof)
+                    key, end = self._decode(pos, eof, self._env_scan)
                     if key == self.key:
                         if self.key_seen:
                             raise self._error(f"the member {self.key!r} appears twice", pos)
                         self.key_seen = True
                     self._member = key
+                    self._member_raw = buf[pos:end]
                     self._state, self._pos = _COLON, end
                 elif char == "}" and state == _OBJ_FIRST:
                     self._state, self._pos = _DONE, pos + 1
@@ -281,13 +455,19 @@ class RecordStream:
                     self._state, self._pos = _ARRAY_FIRST, pos + 1
                     continue
                 self._pos = pos
-                value, end = self._decode(pos, eof)
                 if member == self.key:
+                    value, end = self._decode(pos, eof)
                     if value is not None:
-                        out.append(value)
+                        if self.raw:
+                            self._emit_text(buf[pos:end], out)
+                        else:
+                            out.append(value)
                         self.records += 1
                 else:
+                    value, end = self._decode(pos, eof, self._env_scan)
                     self.envelope[str(member)] = value
+                    if self.raw:
+                        self._members_raw.append(self._member_raw + ":" + buf[pos:end])
                 self._state, self._pos = _OBJ_NEXT, end
             elif state == _OBJ_NEXT:
                 if char == ",":
@@ -307,15 +487,85 @@ class RecordStream:
                 raise self._error("unexpected data after the end of the JSON document", pos)
 
     def _end_array(self, pos: int) -> None:
-        self._state = _DONE if self._top_array else _OBJ_NEXT
+        self._state = _DONE if self.top_array else _OBJ_NEXT
         self._pos = pos
 
+    def _candidates(self, pos: int, n: int) -> Iterator[tuple[int, int]]:
+        """Raw mode: possible cuts ``(end of a record, start of the next)`` after ``pos``, last first.
+
+        First the places where the text the first record started with (its ``{`` and first
+        member name) follows ``,`` after a ``}``/``]`` (``str.rfind``, no per-character
+        Python work); then any ``}``/``]``, ``,``, ``{``/``[`` sequence, looked for in a
+        window at the end that grows fourfold up to the whole buffer.
+        """
+        buf = self._buf
+        sig = self._signature
+        if sig:
+            end = n
+            looked = 0
+            while looked < 8 * _HOT_TRIES and (found := buf.rfind(sig, pos, end)) > pos:
+                end = found
+                looked += 1
+                j = found - 1
+                while buf[j] in _WS_CHARS:
+                    j -= 1
+                if buf[j] != "," or j <= pos:
+                    continue
+                j -= 1
+                while buf[j] in _WS_CHARS:
+                    j -= 1
+                if buf[j] in "}]":
+                    yield j + 1, found
+        size = 1024
+        high = n
+        while high > pos:
+            low = max(pos, n - size)
+            matches = collections.deque(_CUT.finditer(buf, low, high), maxlen=_HOT_TRIES)
+            for match in reversed(matches):
+                yield match.start() + 1, match.end()
+            high, size = low, size * 4
+
+    def _hot(self, out: list[Any], pos: int, n: int) -> tuple[int, int] | None:
+        """Raw mode: the complete records from ``pos`` up to a cut near the end, in one msgspec call.
+
+        Returns (position of the next record, number of records) or None if no cut parsed.
+        """
+        buf = self._buf
+        if self._signature is None:
+            sig = _SIGNATURE.match(buf, pos)
+            self._signature = sig.group() if sig is not None else ""
+        tried: set[int] = set()
+        lowest = n
+        for cut, after in self._candidates(pos, n):
+            if cut in tried:
+                continue
+            tried.add(cut)
+            try:
+                raws = self._msgspec.decode("[" + _one_line(buf[pos:cut]) + "]")
+            except (msgspec.DecodeError, RecursionError):
+                lowest = min(lowest, cut)
+                if len(tried) >= _HOT_TRIES:
+                    break
+                continue
+            count = len(raws)
+            if self._lines:
+                cast("list[Any]", raws).append(b"")  # the join then ends with a newline
+                out.append(b"\n".join(raws))
+            else:
+                out.extend([bytes(raw) for raw in raws])
+            return after, count
+        if tried:
+            # Take records one by one (C scanner) past the failed cuts before trying again.
+            self._hot_block = self._offset + lowest
+        return None
+
     def _items(self, out: list[Any], eof: bool) -> None:
-        """The hot loop: the records of an array, one C-scanner call each."""
+        """The hot loop: the records of an array (raw mode: msgspec cuts, else one C-scanner call each)."""
         buf = self._buf
         n = len(buf)
         pos = self._pos
         scan = self._scan
+        raw = self.raw
         first = self._state == _ARRAY_FIRST  # right after '[': ']' may close an empty array
         count = 0
         after: int | None = None  # None: still expecting a record at pos
@@ -330,18 +580,28 @@ class RecordStream:
                         raise self._error("a ',' is followed by ']' (trailing comma)", pos)
                     after, pos = _DONE, pos + 1
                     return
+                if raw and not self._retry_len and self._offset + pos >= self._hot_block:
+                    taken = self._hot(out, pos, n)
+                    if taken is not None:
+                        pos, taken_count = taken
+                        count += taken_count
+                        first = False
+                        continue
                 if self._retry_len:
                     value, end = self._decode(pos, eof)
                 else:
                     try:
                         value, end = scan(buf, pos)
-                    except (StopIteration, json.JSONDecodeError, RecursionError):
+                    except (StopIteration, json.JSONDecodeError, RecursionError, _NonFinite):
                         value, end = self._decode(pos, eof)
                     else:
                         if not eof and (end >= n or buf[end] in _NUMBER_GOES_ON) and _may_go_on(buf, end, n):
                             return
                 first = False
-                out.append(value)
+                if raw:
+                    self._emit_text(buf[pos:end], out)
+                else:
+                    out.append(value)
                 count += 1
                 pos = end
                 if pos < n and buf[pos] in _WS_CHARS:
@@ -377,4 +637,4 @@ def iter_records(chunks: Iterable[bytes], **kwargs: Any) -> Iterator[Any]:
     yield from stream.close()
 
 
-__all__ = ["DEFAULT_MAX_RECORD_CHARS", "JsonStreamError", "RecordStream", "iter_records"]
+__all__ = ["DEFAULT_MAX_RECORD_CHARS", "JsonStreamError", "RecordStream", "RecordsNotFound", "iter_records"]
