@@ -178,3 +178,20 @@ class WriteOutcomeUnknown(PapertrailApiError):
     invoice, a second payment). Check the accounting system for the record before trying
     again.
     """
+
+
+class WriteAnswerUnreadable(PapertrailApiError):
+    """A write was **done** (the service answered 2xx) but its answer could not be read.
+
+    Never retried and never resent: the record exists in the accounting system. Look it up
+    there (the answer would have carried its id).
+    """
+
+
+class AnswerRefused(PapertrailApiError):
+    """An answer that cannot be taken as a complete success, although its HTTP status says so.
+
+    ``error`` tells which: ``error_envelope`` (the body reports an error), ``paged_answer``
+    (it announces more records than it carried), ``records_not_found`` (no ``data`` member,
+    but arrays elsewhere: set ``records_path``). Nothing was written to the destination.
+    """

@@ -21,27 +21,29 @@ server description.
 from __future__ import annotations
 
 import contextlib
+import decimal
 import json
 import logging
-import os
 import threading
 import time
 import uuid
-from itertools import repeat
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import requests
 from requests.adapters import HTTPAdapter
 from requests.auth import AuthBase
 
-from airflow_papertrail.api.jsonstream import DEFAULT_MAX_RECORD_CHARS, JsonStreamError, RecordStream
+from airflow_papertrail.api.answers import check_envelope
+from airflow_papertrail.api.jsonstream import DEFAULT_MAX_RECORD_CHARS, JsonStreamError, RecordsNotFound, RecordStream
 from airflow_papertrail.api.modules import QuerySpec, is_write, validate
+from airflow_papertrail.api.sink import Sink
 from airflow_papertrail.exceptions import (
+    AnswerRefused,
     PapertrailApiError,
     PapertrailConfigurationError,
     ReauthorizationRequired,
     TransientApiError,
+    WriteAnswerUnreadable,
     WriteOutcomeUnknown,
     sanitize_description,
 )
@@ -49,7 +51,7 @@ from airflow_papertrail.oauth.client import USER_AGENT, _never_sent
 from airflow_papertrail.oauth.retry import RetryPolicy
 
 if TYPE_CHECKING:
-    from collections.abc import Callable, Iterator, Mapping
+    from collections.abc import Callable, Iterator, Mapping, Sequence
     from typing import BinaryIO
 
     from urllib3.util.retry import Retry
@@ -60,41 +62,56 @@ DEFAULT_CHUNK_SIZE = 1 << 16
 # Error answers are read only this far (an HTML error page can be large).
 _ERROR_BODY_LIMIT = 64 * 1024
 _RESERVED_PARAMS = frozenset({"system", "query", "access_token"})
-_ENCODER = json.JSONEncoder(separators=(",", ":"))
+#: A write's answer is read this far (it is done whatever its size; beyond this it is not parsed).
+WRITE_ANSWER_LIMIT = 64 * 1024 * 1024
 
 
-def _lines_encoder() -> Callable[[list[Any]], str]:
-    """``items -> "<json>\\n<json>\\n"``, compact, identical to ``json.dumps(item, separators=(",", ":"))``.
+class _NonFinite(ValueError):
+    """Internal: NaN/Infinity in an answer (not JSON; BigQuery, Spark and jq refuse it)."""
 
-    Uses the C encoder directly when it is there: ``JSONEncoder.encode`` builds a new one
-    per call, which was half the cost of an extraction. Falls back to ``encode`` otherwise.
+
+def _reject_constant(name: str) -> Any:
+    raise _NonFinite(f"{name} is not a JSON number")
+
+
+def _loads(raw: bytes, parse_float: Callable[[str], Any]) -> Any:
+    """``json.loads`` with exact numbers (``parse_float``) and NaN/Infinity refused."""
+    return json.loads(raw, parse_float=parse_float, parse_constant=_reject_constant)
+
+
+def _dumps(payload: Any) -> bytes:
+    """Compact JSON of a payload; ``Decimal`` amounts are written as the exact number they hold.
+
+    NaN and Infinity (float or Decimal) are refused: they are not JSON.
     """
+    decimals = False
 
-    def plain(items: list[Any]) -> str:
-        return "".join(_ENCODER.encode(item) + "\n" for item in items)
+    def walk(value: Any, depth: int) -> None:
+        nonlocal decimals
+        if depth > 500:
+            raise ValueError("it is nested too deeply")
+        if isinstance(value, float):
+            if value != value or value in (float("inf"), float("-inf")):
+                raise ValueError(f"{value} is not a JSON number")
+        elif isinstance(value, decimal.Decimal):
+            if not value.is_finite():
+                raise ValueError(f"{value} is not a JSON number")
+            decimals = True
+        elif isinstance(value, dict):
+            for key, item in value.items():
+                if not isinstance(key, str):
+                    raise TypeError(f"keys must be strings, not {type(key).__name__}")
+                walk(item, depth + 1)
+        elif isinstance(value, (list, tuple)):
+            for item in value:
+                walk(item, depth + 1)
 
-    make = getattr(json.encoder, "c_make_encoder", None)
-    if make is None:  # pragma: no cover - CPython always has it
-        return plain
+    walk(payload, 0)
+    if decimals:
+        import msgspec
 
-    def unsupported(value: Any) -> Any:
-        raise TypeError(f"Object of type {type(value).__name__} is not JSON serializable")
-
-    try:
-        encoder = make(None, unsupported, json.encoder.encode_basestring_ascii, None, ":", ",", False, False, True)
-        sample = {"a": [1, 2.5, None, True, "é\n"], "b": {}}
-        if "".join(encoder(sample, 0)) != _ENCODER.encode(sample):
-            return plain  # pragma: no cover - a future signature change
-    except Exception:  # pragma: no cover
-        return plain
-
-    def fast(items: list[Any]) -> str:
-        return "\n".join(map("".join, map(encoder, items, repeat(0)))) + "\n"
-
-    return fast
-
-
-_encode_lines = _lines_encoder()
+        return msgspec.json.Encoder(decimal_format="number").encode(payload)
+    return json.dumps(payload, separators=(",", ":"), allow_nan=False).encode("utf-8")
 
 
 # ---------------------------------------------------------------------------------------
@@ -129,7 +146,9 @@ def _query_params(spec: QuerySpec, system: str, params: Mapping[str, Any] | None
             continue
         if isinstance(value, bool):
             out[name] = "true" if value else "false"
-        elif isinstance(value, (str, int, float)):
+        elif isinstance(value, (float, decimal.Decimal)) and (value != value or abs(value) == float("inf")):
+            raise PapertrailConfigurationError(f"parameter {name!r} is {value}, which is not a number to send")
+        elif isinstance(value, (str, int, float, decimal.Decimal)):
             out[name] = str(value)
         else:
             raise PapertrailConfigurationError(
@@ -152,12 +171,28 @@ def _json_body(spec: QuerySpec, payload: Any) -> bytes | None:
                 f"{spec.label} changes data and needs a payload: a JSON object with the record's fields"
             )
         return None
+    if isinstance(payload, (str, bytes)):
+        # JSON text (what a template renders): sent byte for byte, so "1150.00" stays 1150.00.
+        raw = payload.encode("utf-8") if isinstance(payload, str) else payload
+        try:
+            value = _loads(raw, decimal.Decimal)
+        except (UnicodeDecodeError, ValueError) as exc:
+            raise PapertrailConfigurationError(
+                f"the payload of {spec.label} is a string but not valid JSON ({exc}); pass a JSON object, "
+                'e.g. \'{"name": "Acme Ltd"}\', or a dict'
+            ) from None
+        if not isinstance(value, (dict, list)):
+            raise PapertrailConfigurationError(
+                f"the payload of {spec.label} must be a JSON object or array, got JSON {type(value).__name__}"
+            )
+        return raw.strip()
     if not isinstance(payload, (dict, list)):
         raise PapertrailConfigurationError(
-            f"the payload of {spec.label} must be a JSON object (dict) or array (list), got {type(payload).__name__}"
+            f"the payload of {spec.label} must be a JSON object (dict) or array (list), or its JSON text, "
+            f"got {type(payload).__name__}"
         )
     try:
-        return json.dumps(payload, separators=(",", ":"), allow_nan=False).encode("utf-8")
+        return _dumps(payload)
     except (TypeError, ValueError) as exc:
         raise PapertrailConfigurationError(f"the payload of {spec.label} is not valid JSON: {exc}") from None
 
@@ -190,74 +225,6 @@ def _error_details(response: requests.Response) -> tuple[str | None, str, list[s
 def _retry_after(response: requests.Response) -> str:
     value = response.headers.get("Retry-After")
     return f"; the server asked to wait {sanitize_description(value, 40)} s" if value else ""
-
-
-class _Sink:
-    """Where :meth:`DataClient.extract` writes: a temporary name first, renamed when complete."""
-
-    def __init__(self, destination: Any) -> None:
-        self.destination = destination
-        self.local: Path | None = None
-        self.remote: Any = None
-        if isinstance(destination, (str, os.PathLike)) and "://" not in os.fspath(destination):
-            self.local = Path(os.fspath(destination))
-        else:
-            target = destination
-            if isinstance(destination, str):
-                from airflow.sdk import ObjectStoragePath
-
-                target = ObjectStoragePath(destination)
-            if getattr(target, "protocol", None) in ("file", "local") and hasattr(target, "path"):
-                self.local = Path(str(target.path))
-            elif callable(getattr(target, "open", None)):
-                self.remote = target
-            else:
-                raise PapertrailConfigurationError(
-                    "destination must be a local path or an ObjectStoragePath (anything with open('wb')), "
-                    f"got {type(destination).__name__}"
-                )
-        suffix = f".{uuid.uuid4().hex[:12]}.part"
-        if self.local is not None:
-            self.temp: Any = self.local.with_name(f".{self.local.name}{suffix}")
-        elif callable(getattr(self.remote, "with_name", None)) and callable(getattr(self.remote, "rename", None)):
-            self.temp = self.remote.with_name(f".{self.remote.name}{suffix}")
-        else:
-            self.temp = None  # written in place: the store must publish objects only on close
-
-    @contextlib.contextmanager
-    def open(self) -> Iterator[BinaryIO]:
-        if self.local is not None:
-            self.local.parent.mkdir(parents=True, exist_ok=True)
-            target: Any = self.temp
-        else:
-            target = self.temp if self.temp is not None else self.remote
-        fh = target.open("wb")
-        try:
-            yield fh
-            if self.local is not None:
-                fh.flush()
-                os.fsync(fh.fileno())
-        except BaseException:
-            with contextlib.suppress(Exception):
-                fh.close()
-            self.discard()
-            raise
-        finally:
-            fh.close()
-
-    def commit(self) -> None:
-        if self.local is not None:
-            os.replace(self.temp, self.local)
-        elif self.temp is not None:
-            self.temp.rename(self.remote)
-
-    def discard(self) -> None:
-        # Without a temporary name the partial object was written in place: remove it
-        # rather than leave something that looks like a complete extract.
-        victim = self.temp if self.temp is not None else self.remote
-        if victim is not None:
-            with contextlib.suppress(Exception):
-                victim.unlink()
 
 
 class _BodyInterrupted(Exception):
@@ -338,22 +305,38 @@ class DataClient:
         allow_unknown: bool = False,
         idempotency_key: str | None = None,
         max_bytes: int | None = None,
+        records_path: str = "data",
+        ignore_members: Sequence[str] = (),
+        parse_float: Callable[[str], Any] = decimal.Decimal,
     ) -> Any:
         """Run one query and return its parsed JSON answer (``None`` for an empty write answer).
+
+        Numbers with a fraction or exponent are parsed with ``parse_float`` (default
+        ``Decimal``: ``1150.00`` stays ``Decimal("1150.00")``; ``str`` keeps the text);
+        ``NaN``/``Infinity`` are refused. A 2xx answer whose body reports an error, or that
+        announces more records under ``records_path`` than it carries, raises
+        :class:`AnswerRefused` (see :mod:`airflow_papertrail.api.answers`).
 
         :param module: a module of :data:`~airflow_papertrail.api.modules.MODULES`.
         :param query: one of its queries.
         :param system: accounting system; defaults to the connection's.
         :param params: extra query-string parameters (strings, numbers, booleans).
-        :param payload: JSON object/array sent as the body of a write query.
+        :param payload: the body of a write query: a dict/list (``Decimal`` values are
+            written as exact numbers) or its JSON text (sent byte for byte).
         :param allow_unknown: accept a module/query not in the table (sent as a write).
         :param idempotency_key: ``Idempotency-Key`` of a write (default: a new UUID4); give
             the same key to the same logical write so a server that supports it dedupes.
-        :param max_bytes: refuse an answer larger than this (read it in memory otherwise).
+        :param max_bytes: refuse a *read's* answer larger than this (read it in memory
+            otherwise). A write's answer is never refused for its size: the write is done.
+        :param records_path: the member holding the records (for the paging check).
+        :param ignore_members: envelope members left out of the error and paging checks.
+        :param parse_float: how non-integer numbers are parsed.
         :raises PapertrailConfigurationError: invalid module/query/params/payload.
         :raises PapertrailApiError: the service refused the call or answered garbage.
+        :raises AnswerRefused: a 2xx answer that reports an error or is paged.
         :raises TransientApiError: unreachable / 429 / 5xx after retries (nothing changed).
         :raises WriteOutcomeUnknown: a write may have been processed; it was not retried.
+        :raises WriteAnswerUnreadable: a write was done (2xx) but its answer is unreadable.
         :raises ReauthorizationRequired: the token is refused even after a refresh.
         """
         spec = validate(module, query, allow_unknown)
@@ -363,15 +346,16 @@ class DataClient:
         attempts = 1 if spec.write else 1 + self.retry_policy.total
         for attempt in range(attempts):
             response = self._send(spec, qparams, body, key)
+            status = response.status_code
             try:
-                raw = self._read_all(spec, response, max_bytes)
+                raw = self._read_all(spec, response, WRITE_ANSWER_LIMIT if spec.write else max_bytes)
             except _BodyInterrupted as exc:
                 if spec.write:
                     raise WriteOutcomeUnknown(
-                        f"Papertrail-ai accepted the write {spec.label} (HTTP {response.status_code}) but its answer "
+                        f"Papertrail-ai accepted the write {spec.label} (HTTP {status}) but its answer "
                         f"was cut off ({exc}). It was NOT retried: it has been processed and a replay could create "
                         "a duplicate. Look the record up in the accounting system.",
-                        status=response.status_code,
+                        status=status,
                         module=spec.module,
                         query=spec.query,
                     ) from None
@@ -379,30 +363,68 @@ class DataClient:
                     raise self._interrupted_error(spec, exc) from None
                 self._backoff(attempt, spec, exc)
                 continue
+            except PapertrailApiError as exc:
+                if spec.write and exc.error == "response_too_large":
+                    raise self._unreadable_write(
+                        spec, status, f"it is larger than {WRITE_ANSWER_LIMIT} bytes and was not read"
+                    ) from None
+                raise
             finally:
                 response.close()
             if not raw.strip():
                 if spec.write:
                     return None
                 raise PapertrailApiError(
-                    f"Papertrail-ai answered {spec.label} with HTTP {response.status_code} and an empty body",
-                    status=response.status_code,
+                    f"Papertrail-ai answered {spec.label} with HTTP {status} and an empty body",
+                    status=status,
                     error="invalid_response",
                     module=spec.module,
                     query=spec.query,
                 )
             try:
-                return json.loads(raw)
-            except (UnicodeDecodeError, ValueError):
+                result = _loads(raw, parse_float)
+            except (UnicodeDecodeError, ValueError) as exc:
+                what = str(exc) if isinstance(exc, _NonFinite) else "the body is not JSON"
+                if spec.write:
+                    raise self._unreadable_write(
+                        spec,
+                        status,
+                        f"{what}; Content-Type {sanitize_description(response.headers.get('Content-Type'), 60)!r}",
+                    ) from None
                 raise PapertrailApiError(
-                    f"Papertrail-ai answered {spec.label} with HTTP {response.status_code} but the body is not JSON "
+                    f"Papertrail-ai answered {spec.label} with HTTP {status} but {what} "
                     f"(Content-Type {sanitize_description(response.headers.get('Content-Type'), 60)!r})",
-                    status=response.status_code,
+                    status=status,
                     error="invalid_response",
                     module=spec.module,
                     query=spec.query,
                 ) from None
+            if isinstance(result, dict):
+                records = result.get(records_path)
+                check_envelope(
+                    {k: v for k, v in result.items() if k != records_path},
+                    records=len(records) if isinstance(records, list) else None,
+                    label=spec.label,
+                    records_path=records_path,
+                    write=spec.write,
+                    status=status,
+                    module=spec.module,
+                    query=spec.query,
+                    ignore=list(ignore_members),
+                )
+            return result
         raise AssertionError("unreachable")  # pragma: no cover
+
+    def _unreadable_write(self, spec: QuerySpec, status: int, why: str) -> WriteAnswerUnreadable:
+        return WriteAnswerUnreadable(
+            f"the write {spec.label} was DONE (Papertrail-ai answered HTTP {status}) but its answer is unreadable "
+            f"({why}). It was NOT retried and must not be sent again: the record exists in the accounting "
+            "system; look it up there.",
+            status=status,
+            error="unreadable_answer",
+            module=spec.module,
+            query=spec.query,
+        )
 
     def iter_records(
         self,
@@ -412,30 +434,46 @@ class DataClient:
         system: str | None = None,
         params: Mapping[str, Any] | None = None,
         allow_unknown: bool = False,
+        records_path: str = "data",
+        ignore_members: Sequence[str] = (),
+        parse_float: Callable[[str], Any] = decimal.Decimal,
     ) -> Iterator[Any]:
         """Stream the records of a read query without holding the body in memory.
 
-        Yields the items of the answer's ``data`` array (or of a top-level array); a
-        ``data`` object (a report) is one record; see :mod:`airflow_papertrail.api.jsonstream`.
-        Arguments are checked at once; the request is sent on the first ``next()``. A
-        connection lost half-way raises :class:`TransientApiError` (records already
-        yielded stay yielded: start again, or use :meth:`extract`, which does).
+        Yields the items of the answer's ``records_path`` array (default ``data``, or of a
+        top-level array); a ``records_path`` object (a report) is one record; see
+        :mod:`airflow_papertrail.api.jsonstream`. Numbers with a fraction or exponent are
+        parsed with ``parse_float`` (default ``Decimal``, exact). Arguments are checked at
+        once; the request is sent on the first ``next()``. The envelope (error members,
+        paging hints) is checked when the body ends, so an :class:`AnswerRefused` may come
+        after records were yielded: treat it as "this list is not complete". A connection
+        lost half-way raises :class:`TransientApiError` (records already yielded stay
+        yielded: start again, or use :meth:`extract`, which does).
         """
         spec = self._read_spec(module, query, allow_unknown)
         qparams = _query_params(spec, self._system(system), params)
-        return self._iter_records(spec, qparams)
+        return self._iter_records(spec, qparams, records_path, tuple(ignore_members), parse_float)
 
-    def _iter_records(self, spec: QuerySpec, qparams: dict[str, str]) -> Iterator[Any]:
+    def _iter_records(
+        self,
+        spec: QuerySpec,
+        qparams: dict[str, str],
+        records_path: str,
+        ignore: tuple[str, ...],
+        parse_float: Callable[[str], Any],
+    ) -> Iterator[Any]:
         response = self._send(spec, qparams, None, None)
-        stream = RecordStream(max_record_chars=self.max_record_chars)
+        stream = RecordStream(key=records_path, max_record_chars=self.max_record_chars, parse_float=parse_float)
         try:
             for chunk in self._chunks(response, stream):
                 try:
                     items = stream.feed(chunk)
                 except JsonStreamError as exc:
-                    raise self._malformed(spec, exc) from None
+                    raise self._malformed(spec, exc, records_path) from None
                 yield from items
-            yield from self._close_stream(spec, stream)
+            items = self._close_stream(spec, stream, records_path)
+            self._check_stream(spec, stream, response.status_code, records_path, ignore)
+            yield from items
         except _BodyInterrupted as exc:
             raise self._interrupted_error(spec, exc) from None
         finally:
@@ -450,34 +488,45 @@ class DataClient:
         system: str | None = None,
         params: Mapping[str, Any] | None = None,
         allow_unknown: bool = False,
+        records_path: str = "data",
+        ignore_members: Sequence[str] = (),
+        lineage_context: Any = None,
     ) -> dict[str, Any]:
         """Stream a read query's records to ``destination`` as JSON lines (one record a line).
 
-        The file is written under a temporary name and renamed when complete, so a failed
-        extraction never leaves a file that looks whole. A connection lost half-way
-        restarts the download (bounded by the retry policy); a report (``data`` object)
-        becomes a single line.
+        Each line is the record's text exactly as the service sent it (numbers, escapes and
+        unicode untouched; only line breaks between tokens become spaces). The file is
+        written under a temporary name and renamed when complete, so a failed extraction
+        never leaves a file that looks whole; an answer whose envelope reports an error or
+        a next page is refused before the rename. A connection lost half-way restarts the
+        download (bounded by the retry policy); a report (``records_path`` object) becomes
+        a single line.
 
         :param destination: a local path (``str``/``Path``), a URL string
             (``s3://...``, ``file://...``) or an ``airflow.sdk.ObjectStoragePath``
             (anything with ``open("wb")``).
+        :param records_path: the top-level member holding the records (default ``data``).
+        :param ignore_members: envelope members left out of the error and paging checks.
+        :param lineage_context: the ``context`` Airflow's hook lineage collector gets with the
+            final path (the operator passes its hook; default: the path itself).
         :returns: ``{"path": str(destination), "records": n, "bytes": b}``.
         """
         spec = self._read_spec(module, query, allow_unknown)
         qparams = _query_params(spec, self._system(system), params)
-        sink = _Sink(destination)
+        sink = Sink(destination, lineage_context=lineage_context)
         attempts = 1 + self.retry_policy.total
         started = time.monotonic()
+        ignore = tuple(ignore_members)
         for attempt in range(attempts):
             try:
                 with sink.open() as fh:
-                    records, size = self._write_records(spec, qparams, fh)
+                    records, size = self._write_records(spec, qparams, fh, records_path, ignore)
             except _BodyInterrupted as exc:
                 if attempt + 1 >= attempts:
                     raise self._interrupted_error(spec, exc) from None
                 self._backoff(attempt, spec, exc)
                 continue
-            sink.commit()
+            sink.commit()  # renames, then reports the final path (never the temporary one) as lineage
             log.info(
                 "Extracted %d records (%d bytes) of Papertrail-ai %s in %.1f s to %s",
                 records,
@@ -677,13 +726,41 @@ class DataClient:
             parts.append(chunk)
         return b"".join(parts)
 
-    def _close_stream(self, spec: QuerySpec, stream: RecordStream) -> list[Any]:
+    def _close_stream(self, spec: QuerySpec, stream: RecordStream, records_path: str) -> list[Any]:
         try:
             return stream.close()
         except JsonStreamError as exc:
-            raise self._malformed(spec, exc) from None
+            raise self._malformed(spec, exc, records_path) from None
 
-    def _malformed(self, spec: QuerySpec, exc: JsonStreamError) -> PapertrailApiError:
+    def _check_stream(
+        self, spec: QuerySpec, stream: RecordStream, status: int, records_path: str, ignore: tuple[str, ...]
+    ) -> None:
+        """The envelope of a streamed answer: error members, paging hints (see api/answers.py)."""
+        if stream.top_array:
+            return
+        key_array = stream.key_seen and bool(getattr(stream, "key_array", True))
+        check_envelope(
+            stream.envelope,
+            records=stream.records if key_array else None,
+            label=spec.label,
+            records_path=records_path,
+            status=status,
+            module=spec.module,
+            query=spec.query,
+            ignore=list(ignore),
+        )
+
+    def _malformed(self, spec: QuerySpec, exc: JsonStreamError, records_path: str = "data") -> PapertrailApiError:
+        if isinstance(exc, RecordsNotFound):
+            members = ", ".join(repr(m) for m in exc.members[:5])
+            return AnswerRefused(
+                f"the answer of Papertrail-ai {spec.label} has no {records_path!r} member but holds arrays in "
+                f"{members}; the provider does not guess which one holds the records. Set records_path to the "
+                f"member that does (e.g. records_path={exc.members[0]!r}). Nothing was written.",
+                error="records_not_found",
+                module=spec.module,
+                query=spec.query,
+            )
         return PapertrailApiError(
             f"the answer of Papertrail-ai {spec.label} is not the expected JSON: {exc}",
             error="invalid_response",
@@ -691,30 +768,32 @@ class DataClient:
             query=spec.query,
         )
 
-    def _write_records(self, spec: QuerySpec, qparams: dict[str, str], fh: BinaryIO) -> tuple[int, int]:
+    def _write_records(
+        self, spec: QuerySpec, qparams: dict[str, str], fh: BinaryIO, records_path: str, ignore: tuple[str, ...]
+    ) -> tuple[int, int]:
         response = self._send(spec, qparams, None, None)
-        stream = RecordStream(max_record_chars=self.max_record_chars)
-        records = size = 0
+        stream = RecordStream(key=records_path, max_record_chars=self.max_record_chars, raw=True)
+        size = 0
         try:
             for chunk in self._chunks(response, stream):
                 try:
-                    items = stream.feed(chunk)
+                    data, _count = stream.feed_lines(chunk)
                 except JsonStreamError as exc:
-                    raise self._malformed(spec, exc) from None
-                if items:
-                    data = _encode_lines(items).encode("utf-8")
+                    raise self._malformed(spec, exc, records_path) from None
+                if data:
                     fh.write(data)
-                    records += len(items)
                     size += len(data)
-            items = self._close_stream(spec, stream)
-            if items:
-                data = _encode_lines(items).encode("utf-8")
+            try:
+                data, _count = stream.close_lines()
+            except JsonStreamError as exc:
+                raise self._malformed(spec, exc, records_path) from None
+            self._check_stream(spec, stream, response.status_code, records_path, ignore)
+            if data:
                 fh.write(data)
-                records += len(items)
                 size += len(data)
         finally:
             response.close()
-        return records, size
+        return stream.records, size
 
     def _interrupted_error(self, spec: QuerySpec, exc: _BodyInterrupted) -> TransientApiError:
         return TransientApiError(

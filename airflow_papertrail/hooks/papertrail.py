@@ -297,10 +297,16 @@ class PapertrailHook(BaseHook):
         params: dict[str, Any] | None = None,
         payload: Any = None,
         allow_unknown: bool = False,
+        **kwargs: Any,
     ) -> Any:
-        """Run one documented query (see ``airflow_papertrail.api.modules.MODULES``) and return the JSON body."""
+        """Run one documented query (see ``airflow_papertrail.api.modules.MODULES``) and return the JSON body.
+
+        Numbers with a fraction come back as ``Decimal`` (exact); other keyword arguments
+        (``records_path``, ``ignore_members``, ``parse_float``, ``max_bytes``,
+        ``idempotency_key``) go to :meth:`DataClient.query`.
+        """
         return self.data_client.query(
-            module, query, system=system, params=params, payload=payload, allow_unknown=allow_unknown
+            module, query, system=system, params=params, payload=payload, allow_unknown=allow_unknown, **kwargs
         )
 
     def test_connection(self) -> tuple[bool, str]:

@@ -65,8 +65,6 @@ MESSAGE_SCOPES = (
 
 #: Pieces no person can meet, with the reason. Each must still exist in the code (checked).
 INTERNAL = {
-    ("api/client.py", "Object of type"): "JSON-lines encoder fallback; records come from parsed JSON",
-    ("api/client.py", "is not JSON serializable"): "same encoder fallback",
     ("api/jsonstream.py", "feed() after close"): "RecordStream misuse; DataClient never feeds after close()",
     ("oauth/config.py", "must not contain a query string, got"): "check_url(allow_query=False) has no caller",
     ("oauth/envelope.py", "invalid ticket"): "TicketError, always caught (refresh.py)",

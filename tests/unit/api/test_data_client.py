@@ -116,7 +116,9 @@ def test_system_is_required(emulator, tokens):
     [
         ("bank_list", {"a": 1}, "payload is only for write queries"),
         ("create_invoice", None, "needs a payload"),
-        ("create_invoice", "text", "must be a JSON object"),
+        ("create_invoice", "text", "is a string but not valid JSON"),
+        ("create_invoice", '"just a string"', "must be a JSON object or array, got JSON str"),
+        ("create_invoice", 42, "must be a JSON object"),
         ("create_invoice", {"amount": float("nan")}, "not valid JSON"),
         ("create_invoice", {"when": object()}, "not valid JSON"),
     ],

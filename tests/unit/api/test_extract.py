@@ -12,14 +12,11 @@ import threading
 from pathlib import Path
 
 import pytest
-from hypothesis import given, settings
-from hypothesis import strategies as st
 
 from airflow_papertrail.api.client import PapertrailApiError, TransientApiError
 from airflow_papertrail.exceptions import PapertrailConfigurationError
 from tests.conftest import append_captured
 from tests.unit.api.support import FAST, TokenSource, data_client
-from tests.unit.api.test_jsonstream import VALUES
 
 REPO = Path(__file__).resolve().parents[3]
 
@@ -293,14 +290,6 @@ def test_iter_records_reports_a_broken_body(breaking_server):
     with pytest.raises(TransientApiError, match="after 1 records"):
         next(records)
     assert handler.served == 1
-
-
-@settings(max_examples=100, deadline=None)
-@given(items=st.lists(VALUES, min_size=1, max_size=5))
-def test_lines_are_exactly_json_dumps_compact(items):
-    from airflow_papertrail.api.client import _encode_lines
-
-    assert _encode_lines(items) == "".join(json.dumps(i, separators=(",", ":")) + "\n" for i in items)
 
 
 class NoRenamePath(MemoryPath):

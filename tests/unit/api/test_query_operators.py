@@ -59,6 +59,7 @@ def test_constructors_do_no_io_and_declare_template_fields(monkeypatch):
         "system",
         "query_params",
         "papertrail_conn_id",
+        "records_path",
     }
 
 
