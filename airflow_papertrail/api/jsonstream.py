@@ -554,9 +554,9 @@ class RecordStream:
             else:
                 out.extend([bytes(raw) for raw in raws])
             return after, count
-        if tried:
-            # Take records one by one (C scanner) past the failed cuts before trying again.
-            self._hot_block = self._offset + lowest
+        # Take records one by one (C scanner) past the failed cuts, or past the end of the
+        # buffer if it has no candidate at all (an array of scalars), before trying again.
+        self._hot_block = self._offset + lowest
         return None
 
     def _items(self, out: list[Any], eof: bool) -> None:

@@ -402,3 +402,24 @@ def test_the_size_limit_counts_pending_text():
     with pytest.raises(JsonStreamError, match="larger than 10000 characters"):
         stream.feed(b"y" * 100)
     assert len(stream._buf) <= 10_100  # the pending text was never joined in
+
+
+@pytest.mark.parametrize("items", [list(range(30_000)), ["x"] * 20_000, [[i] for i in range(20_000)]])
+def test_arrays_without_cuts_look_for_one_once_per_chunk(items):  # was quadratic before the fix
+    body = json.dumps(items).encode()
+    stream = RecordStream(raw=True)
+    calls = 0
+    candidates = stream._candidates
+
+    def counting(pos: int, n: int) -> Any:
+        nonlocal calls
+        calls += 1
+        return candidates(pos, n)
+
+    stream._candidates = counting  # type: ignore[method-assign]
+    out: list[bytes] = []
+    for i in range(0, len(body), 4096):
+        out.extend(stream.feed(body[i : i + 4096]))
+    out.extend(stream.close())
+    assert [json.loads(r) for r in out] == items
+    assert calls <= 3 * (len(body) // 4096 + 1), calls
