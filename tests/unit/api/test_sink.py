@@ -345,13 +345,13 @@ def test_without_an_enabled_collector_nothing_breaks(tmp_path):
         lineage.get_hook_lineage_collector.cache_clear()
 
 
-def test_data_client_extract_through_the_sink(emulator, store, collector, monkeypatch):
-    """DataClient.extract end to end with this Sink (until client.py imports it, patched in)."""
+def test_data_client_extract_through_the_sink(emulator, store, collector):
+    """DataClient.extract end to end through this Sink."""
     from airflow_papertrail.api import client as client_module
     from airflow_papertrail.api.client import PapertrailApiError
     from tests.unit.api.support import TokenSource, data_client
 
-    monkeypatch.setattr(client_module, "_Sink", Sink, raising=False)
+    assert client_module.Sink is Sink
     client = data_client(emulator, TokenSource(emulator))
     try:
         result = client.extract("gl", "list_gl_accounts", f"{PROTOCOL}://bucket/gl.jsonl", params={"count": 25})
