@@ -416,6 +416,8 @@ class RecordStream:
                 self._items(out, eof)
                 if self._state in (_ITEM, _ARRAY_FIRST, _ARRAY_NEXT):
                     return
+                buf = self._buf  # _items may have dropped what it consumed
+                n = len(buf)
                 continue
             pos = self._skip_ws(self._pos)
             if pos >= n:
@@ -586,6 +588,12 @@ class RecordStream:
                         pos, taken_count = taken
                         count += taken_count
                         first = False
+                        if 2 * (n - pos) < n:
+                            # Drop the records just taken: a C-scanner error on the incomplete
+                            # record that follows would count the lines of all of them.
+                            buf = self._buf = buf[pos:]
+                            self._offset += pos
+                            n, pos = len(buf), 0
                         continue
                 if self._retry_len:
                     value, end = self._decode(pos, eof)
