@@ -3,8 +3,7 @@
 Papertrail-ai answers a list query with one JSON document; for years of ledger lines that
 document is large. :class:`RecordStream` takes the body in chunks (as they come off the
 socket) and hands back the records as soon as each one is complete, so memory stays
-bounded by the largest single record plus the chunks that arrived while it was incomplete,
-never by the body.
+bounded by about twice the largest single record plus one chunk, never by the body.
 
 Which values are "the records" (the same rules for every answer; ``key`` is ``"data"``
 unless another member name is given):
@@ -17,7 +16,10 @@ unless another member name is given):
 * a top-level object without ``key``: if one of its members is an array, the records were
   probably meant to be that array and :meth:`RecordStream.close` raises
   :class:`RecordsNotFound` naming the array-valued members; otherwise the whole object is a
-  single record (nothing is silently dropped because the service used another shape).
+  single record (nothing is silently dropped because the service used another shape). In
+  raw mode that record is rebuilt from its members' text as ``{`` + the ``"name":value``
+  texts joined by ``,`` + ``}``: whitespace between the top-level members is dropped, the
+  member names and values are as sent.
 
 Two modes:
 
@@ -33,14 +35,17 @@ Two modes:
   returns the records of a chunk as one JSON-lines blob. Inside an array of records the
   hot path cuts the buffer at a ``,`` between two records (a ``}``/``]``, the comma, a
   ``{``/``[``) near its end and validates everything before the cut with msgspec
-  (``msgspec.json.Decoder(list[msgspec.Raw])`` on ``"[" + prefix + "]"``): a cut that is in
-  fact inside a string or a nested array cannot parse, so a successful parse proves the
-  prefix is a sequence of complete, valid records, and msgspec hands back each one's
-  exact bytes. When no cut parses (the last record before ``]``, arrays of scalars, a
-  record larger than the buffer, nesting deeper than msgspec allows, ``"\\ud800"``-style
-  lone surrogate escapes that ``json.loads`` accepts and msgspec refuses, and every
-  error), one record is taken by the C scanner instead, so what is accepted and the error
-  messages and positions are those of the C scanner.
+  (``msgspec.json.Decoder(list[msgspec.Raw])`` on ``"[" + prefix + "]"``, CR/LF already
+  turned into spaces): a cut that is in fact inside a string or a nested array cannot
+  parse, so a successful parse proves the prefix is a sequence of complete, valid records,
+  and msgspec hands back each one's exact bytes. Cuts are tried from the last one
+  backwards, at most six per attempt: first those followed by the text the first record
+  started with (its ``{`` and first member name), then any. When none parses (the last
+  record before ``]``, arrays of scalars, a record larger than the buffer, nesting deeper
+  than msgspec allows, ``"\\ud800"``-style lone surrogate escapes that ``json.loads``
+  accepts and msgspec refuses, and every error), records are taken one at a time by the C
+  scanner until past the lowest cut tried (past the buffer's end if there was none), so
+  what is accepted and the error messages and positions are those of the C scanner.
 
 In both modes ``NaN``, ``Infinity`` and ``-Infinity`` are refused (they are not JSON), the
 envelope is decoded as in object mode, and the body is checked to be strict UTF-8 (by an
