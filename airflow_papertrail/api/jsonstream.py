@@ -547,17 +547,29 @@ class RecordStream:
             if cut in tried:
                 continue
             tried.add(cut)
+            segment = buf[pos:cut]
             try:
-                raws = self._msgspec.decode("[" + _one_line(buf[pos:cut]) + "]")
+                # Validated as sent: a raw CR/LF inside a string must be refused, not blanked.
+                raws = self._msgspec.decode("[" + segment + "]")
             except (msgspec.DecodeError, RecursionError):
                 lowest = min(lowest, cut)
                 if len(tried) >= _HOT_TRIES:
                     break
                 continue
             count = len(raws)
+            items = cast("list[Any]", raws)
+            breaks = "\n" in segment or "\r" in segment  # then only whitespace between tokens
             if self._lines:
-                cast("list[Any]", raws).append(b"")  # the join then ends with a newline
-                out.append(b"\n".join(raws))
+                items.append(b"")  # the join then ends with a separator
+                if breaks:
+                    # NUL cannot occur in valid JSON text: join with it, blank CR/LF, then
+                    # turn the separators into newlines.
+                    blob = b"\0".join(items).replace(b"\n", b" ").replace(b"\r", b" ")
+                    out.append(blob.replace(b"\0", b"\n"))
+                else:
+                    out.append(b"\n".join(items))
+            elif breaks:
+                out.extend([bytes(raw).replace(b"\n", b" ").replace(b"\r", b" ") for raw in raws])
             else:
                 out.extend([bytes(raw) for raw in raws])
             return after, count

@@ -223,11 +223,14 @@ MUTANTS = [*b'"\\,:[]{}0123456789-+.eENaItfn \n\r\t\x00\x7f', 0xFF, 0xC3, 0xE2, 
 
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 @given(generated=bodies(), data=st.data())
-def test_a_changed_byte_is_either_accepted_by_both_or_refused_by_both(generated, data):
+def test_a_changed_or_inserted_byte_is_either_accepted_by_both_or_refused_by_both(generated, data):
     text, _ = generated
     body = bytearray(text.encode("utf-8"))
     where = data.draw(st.integers(min_value=0, max_value=len(body) - 1))
-    body[where] = data.draw(st.sampled_from(MUTANTS))
+    if data.draw(st.booleans()):
+        body[where] = data.draw(st.sampled_from(MUTANTS))  # a byte changed
+    else:
+        body[where:where] = bytes([data.draw(st.sampled_from(MUTANTS))])  # a byte inserted
     body = bytes(body)
     try:
         expected: list[Any] | None = oracle_records(body)
@@ -423,3 +426,17 @@ def test_arrays_without_cuts_look_for_one_once_per_chunk(items):  # was quadrati
     out.extend(stream.close())
     assert [json.loads(r) for r in out] == items
     assert calls <= 3 * (len(body) // 4096 + 1), calls
+
+
+@pytest.mark.parametrize("control", [b"\n", b"\r", b"\t", b"\x00", b"\x1f"])
+@pytest.mark.parametrize("where", [0, 1, 2])
+def test_a_raw_control_character_in_a_string_is_refused(control, where):
+    # CR/LF become spaces only once they are proven whitespace between tokens (regression:
+    # the hot path blanked them before validating, accepting "x<LF>y" as "x y").
+    items = [b'{"a":"x"}', b'{"b":1}', b'{"c":2}']
+    items[where] = b'{"a":"x' + control + b'y"}'
+    body = b'{"data": [' + b",\n".join(items) + b"]}"
+    for raw in (False, True):
+        for cuts in ([], list(range(len(body)))):
+            with pytest.raises(JsonStreamError, match="Invalid control character"):
+                run(body, cuts, raw=raw)
