@@ -35,10 +35,10 @@ Two modes:
   returns the records of a chunk as one JSON-lines blob. Inside an array of records the
   hot path cuts the buffer at a ``,`` between two records (a ``}``/``]``, the comma, a
   ``{``/``[``) near its end and validates everything before the cut with msgspec
-  (``msgspec.json.Decoder(list[msgspec.Raw])`` on ``"[" + prefix + "]"``, CR/LF already
-  turned into spaces): a cut that is in fact inside a string or a nested array cannot
-  parse, so a successful parse proves the prefix is a sequence of complete, valid records,
-  and msgspec hands back each one's exact bytes. Cuts are tried from the last one
+  (``msgspec.json.Decoder(list[msgspec.Raw])`` on ``"[" + prefix + "]"``, as sent): a cut
+  that is in fact inside a string or a nested array cannot parse, so a successful parse
+  proves the prefix is a sequence of complete, valid records, and msgspec hands back each
+  one's exact bytes (CR/LF, now proven to be whitespace, are turned into spaces after that). Cuts are tried from the last one
   backwards, at most six per attempt: first those followed by the text the first record
   started with (its ``{`` and first member name), then any. When none parses (the last
   record before ``]``, arrays of scalars, a record larger than the buffer, nesting deeper
