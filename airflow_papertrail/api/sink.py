@@ -25,6 +25,9 @@ and to report lineage, and only when it is installed.
   with the URI of the final object (``s3://bucket/key``, without the connection id) or
   ``file:///absolute/path`` for a local file. A failed write reports nothing. The
   OpenLineage provider reads hook lineage, so OpenLineage sees the same single output.
+  Lineage is reported only when Airflow's Task SDK is already imported (inside a task, a
+  triggerer or the api-server): a plain script using ``DataClient`` has no collector, and
+  importing Airflow and its plugins for one would cost seconds and about 60 MB.
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import sys
 import urllib.parse
 import uuid
 from pathlib import Path
@@ -227,6 +231,10 @@ class Sink:
             default: ``lineage_context`` of the constructor, else the final path.
         """
         if not self.committed or self.lineage_reported:
+            return False
+        if "airflow.sdk" not in sys.modules:
+            # Outside Airflow (a script using DataClient) there is no collector to report to,
+            # and importing Airflow and its plugins here would cost seconds and ~60 MB.
             return False
         try:
             from airflow.sdk.lineage import get_hook_lineage_collector
