@@ -66,7 +66,10 @@ MESSAGE_SCOPES = (
 #: Pieces no person can meet, with the reason. Each must still exist in the code (checked).
 INTERNAL = {
     ("api/jsonstream.py", "feed() after close"): "RecordStream misuse; DataClient never feeds after close()",
-    ("api/jsonstream.py", "feed_lines()/close_lines() need RecordStream(raw=True"): "TypeError for a programming error; DataClient always uses raw mode for them",
+    (
+        "api/jsonstream.py",
+        "feed_lines()/close_lines() need RecordStream(raw=True",
+    ): "TypeError for a programming error; DataClient always uses raw mode for them",
     ("oauth/config.py", "must not contain a query string, got"): "check_url(allow_query=False) has no caller",
     ("oauth/envelope.py", "invalid ticket"): "TicketError, always caught (refresh.py)",
     ("oauth/envelope.py", "ticket older than"): "StaleTicket, always caught (refresh.py)",
