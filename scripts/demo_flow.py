@@ -77,6 +77,8 @@ def main() -> int:
     state = api.wait_for_run("papertrail_extract", extract_run, timeout=900)
     results = {}
     for task_id, ti_state in sorted(api.task_states("papertrail_extract", extract_run).items()):
+        if task_id == "clear_manifest":  # returns nothing
+            continue
         results[task_id] = api.xcom("papertrail_extract", extract_run, task_id) if ti_state == "success" else ti_state
 
     print()
@@ -87,9 +89,11 @@ def main() -> int:
     )
     print(f"  extract:   {state} in {time.monotonic() - started:.1f} s, files under {args.output}")
     for task_id, result in results.items():
-        if isinstance(result, dict):
+        if isinstance(result, dict) and "records" in result:
             print(f"    {task_id:<40} {result['records']:>8} records  {result['path']}")
-        else:
+        elif isinstance(result, dict) and "folder" in result:  # write_manifest: the snapshot is complete
+            print(f"    {task_id:<40} {result['files']:>8} files    {result['folder']}/_MANIFEST.json")
+        elif result is not None and not isinstance(result, dict):
             print(f"    {task_id:<40} {result}")
     print()
     return 0 if state == "success" else 1

@@ -44,6 +44,7 @@ def _assert_summary(out: str) -> None:
     assert re.search(r"extract: +success", out)
     lines = re.findall(r"^ +(\w+__\w+) +(\d+) records +(\S+\.jsonl)$", out, flags=re.M)
     assert len(lines) == 12, out[-3000:]
+    assert re.search(r"^ +write_manifest +12 files +\S+/_MANIFEST\.json$", out, flags=re.M), out[-3000:]
     for task_id, records, path in lines:
         with open(path) as fh:
             assert sum(1 for _ in fh) == int(records) > 0, task_id
