@@ -269,9 +269,11 @@ def main() -> int:
         tasks = task_states(api, "papertrail_extract", extract_run)
         records = {}
         for task_id, ti_state in sorted(tasks.items()):
-            if ti_state == "success":
+            if ti_state == "success" and "__" in task_id:  # the extract tasks (not clear/write_manifest)
                 result = xcom(api, "papertrail_extract", extract_run, task_id)
                 records[task_id] = {"records": result["records"], "bytes": result["bytes"], "path": result["path"]}
+            elif ti_state == "success" and task_id == "write_manifest":
+                summary.setdefault("manifest", xcom(api, "papertrail_extract", extract_run, task_id))
         summary["papertrail_extract"] = {"run_id": extract_run, "state": state, "tasks": tasks, "outputs": records}
         # unpausing also started the latest scheduled run (catchup=False): report it too
         runs = api.get(f"/dags/{q('papertrail_extract')}/dagRuns?limit=100")["dag_runs"]
