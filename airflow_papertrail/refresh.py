@@ -199,6 +199,12 @@ def refresh_grant(
             f"and a try {RETRY_QUIET_SECONDS:.0f} s or more later presents the refresh token once more (only a "
             "refusal, or a second lost answer, then asks for consent again)"
         )
+    except PapertrailError as exc:
+        # Nothing was spent (a connection error, a 429, invalid_client...): the grant is unchanged.
+        from airflow_papertrail.health import REFRESH_FAILING
+
+        store.record_failure(REFRESH_FAILING, getattr(exc, "error", None) or type(exc).__name__, str(exc))
+        raise
     new = store.next_grant(token, grant, issued_for=grant.issued_for or client.config.binding())
     write(new)
     log.info("Refreshed the Papertrail-ai grant of %r (generation %d).", conn_id, new.generation)
@@ -278,6 +284,7 @@ def coordinated_refresh(
     key = grant_variable_key(conn_id)
     error: PapertrailError | None = None
     decision = USE
+    took_over = False
     with entries.locked(key) as entry:
         if entry.raw is None:
             raise ReauthorizationRequired(conn_id, "no grant is stored for this connection")
@@ -295,6 +302,7 @@ def coordinated_refresh(
             )
             entry.write(store.encode(grant))
             lease = None
+            took_over = True
         try:
             decision = plan(grant, seen_generation=seen_generation, force=force, leeway=config.leeway, now=now)
         except PapertrailError as exc:  # leave the block normally: what was written above commits
@@ -305,6 +313,8 @@ def coordinated_refresh(
             claim = secrets.token_hex(16)
             grant = replace(grant, refresh_lease={"id": claim, "until": now + lease_seconds(config)})
             entry.write(store.encode(grant))
+    if took_over:
+        store.record_health(replace(grant, refresh_lease=None))  # after the commit, outside the lock
     if error is not None:
         raise error
     if decision == USE:
@@ -329,6 +339,7 @@ def coordinated_refresh(
                         )
                         return
                     entry.write(store.encode(replace(result, refresh_lease=None)))
+                store.record_health(replace(result, refresh_lease=None))  # committed: outside the lock
                 return
             except Exception:
                 if attempt == 2:

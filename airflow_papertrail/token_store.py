@@ -228,6 +228,7 @@ class VariableTokenStore:
         grant = self.next_grant(token, based_on, issued_for=issued_for)
         envelope = self.encode(grant)
         self._write_verified(envelope)
+        self.record_health(grant, authorized=True)
         log.info(
             "Stored the encrypted Papertrail-ai grant of connection %r in Variable %r (generation %d, access token expires at %s).",
             self.conn_id,
@@ -238,8 +239,21 @@ class VariableTokenStore:
         return grant
 
     def write(self, grant: StoredGrant) -> None:
-        """Store ``grant`` as it is (custody metadata changed, same generation), verified."""
+        """Store ``grant`` as it is (a refresh's next grant, or custody metadata changed), verified."""
         self._write_verified(self.encode(grant))
+        self.record_health(grant)
+
+    def record_health(self, grant: StoredGrant, *, authorized: bool = False) -> None:
+        """Record the plain health of a grant that was just stored (``health.py``); never raises."""
+        from airflow_papertrail.health import record_grant
+
+        record_grant(self.backend, grant, authorized=authorized, now=self.clock())
+
+    def record_failure(self, state: str, code: str | None, description: object) -> None:
+        """Record a refresh that failed without storing anything; never raises."""
+        from airflow_papertrail.health import record_failure
+
+        record_failure(self.backend, self.conn_id, state=state, code=code, description=description, now=self.clock())
 
     def _write_verified(self, envelope: str) -> None:
         description = (

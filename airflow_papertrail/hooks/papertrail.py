@@ -31,6 +31,7 @@ if TYPE_CHECKING:
     from airflow.sdk import Connection
 
     from airflow_papertrail.api.client import DataClient
+    from airflow_papertrail.health import GrantHealth
     from airflow_papertrail.token_store import StoredGrant
 
 CONN_TYPE = "papertrail"
@@ -268,10 +269,23 @@ class PapertrailHook(BaseHook):
         :param force_refresh: refresh even if the stored token looks valid (after a 401).
         :raises ReauthorizationRequired: no grant is stored, or it can no longer be refreshed.
         """
+        from airflow_papertrail.health import record_use
         from airflow_papertrail.refresh import get_valid_token
 
         refused = self.issued_generation if force_refresh else None
-        return get_valid_token(self, force_refresh=force_refresh, refused_generation=refused).access_token
+        token = get_valid_token(self, force_refresh=force_refresh, refused_generation=refused)
+        record_use(self.token_store.backend, self.papertrail_conn_id)  # at most one write an hour
+        return token.access_token
+
+    def grant_health(self) -> GrantHealth:
+        """The health of this connection's grant (plain Variable ``papertrail_health__<conn_id>``).
+
+        Reads that one Variable (and, when it is missing, whether a grant is stored); decrypts
+        nothing, refreshes nothing, needs no encryption key. See docs/grant-lifecycle.md.
+        """
+        from airflow_papertrail.health import read_health
+
+        return read_health(self.papertrail_conn_id, backend=self.token_store.backend)
 
     @cached_property
     def data_client(self) -> DataClient:

@@ -28,6 +28,9 @@ class Token:
     refresh_token: str | None = None
     scope: str | None = None
     expiry_assumed: bool = False
+    #: Absolute expiry of the refresh token (epoch s) when the server states one
+    #: (``refresh_token_expires_in``, or Intuit's ``x_refresh_token_expires_in``); None when unknown.
+    refresh_expires_at: float | None = None
 
     def __repr__(self) -> str:  # never show token values
         return (
@@ -75,6 +78,7 @@ class Token:
             "refresh_token": self.refresh_token,
             "scope": self.scope,
             "expiry_assumed": self.expiry_assumed,
+            "refresh_expires_at": self.refresh_expires_at,
         }
 
     @classmethod
@@ -87,6 +91,7 @@ class Token:
             refresh_token=data.get("refresh_token") or None,
             scope=data.get("scope"),
             expiry_assumed=bool(data.get("expiry_assumed", False)),
+            refresh_expires_at=_finite_or_none(data.get("refresh_expires_at")),
         )
 
     @classmethod
@@ -115,8 +120,15 @@ class Token:
             raise OAuthError("invalid_response", f"unsupported token_type {token_type!r} (only Bearer)", status)
         expires_in = _parse_expires_in(payload.get("expires_in"))
         refresh_token = payload.get("refresh_token")
+        refresh_expires_in = _parse_expires_in(payload.get("refresh_token_expires_in"))
+        if refresh_expires_in is None:
+            refresh_expires_in = _parse_expires_in(payload.get("x_refresh_token_expires_in"))
+        refresh_expires_at = now + refresh_expires_in if refresh_expires_in is not None else None
         if not isinstance(refresh_token, str) or not refresh_token:
+            # Not rotated: the previous refresh token, and its known expiry unless a new one is stated.
             refresh_token = previous.refresh_token if previous else None
+            if refresh_expires_at is None and previous is not None:
+                refresh_expires_at = previous.refresh_expires_at
         scope = payload.get("scope")
         if isinstance(scope, list):
             scope = " ".join(str(s) for s in scope)
@@ -130,6 +142,7 @@ class Token:
             refresh_token=refresh_token,
             scope=scope,
             expiry_assumed=expires_in is None,
+            refresh_expires_at=refresh_expires_at if refresh_token else None,
         )
 
     def with_expiry(self, expires_at: float) -> Token:
@@ -149,3 +162,13 @@ def _parse_expires_in(value: Any) -> float | None:
         # so a 401 forces one refresh instead of every call refreshing (token-custody.md).
         return None
     return seconds
+
+
+def _finite_or_none(value: Any) -> float | None:
+    if value is None or isinstance(value, bool):
+        return None
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        return None
+    return number if math.isfinite(number) else None

@@ -939,6 +939,9 @@ class PapertrailEmulator:
         (clients must keep the one they have).
     :param revoke_on_refresh_reuse: presenting a rotated refresh token revokes the grant.
     :param require_pkce: refuse authorization requests without an S256 ``code_challenge``.
+    :param refresh_token_ttl: when set, token answers that carry a refresh token state its
+        lifetime in seconds under ``refresh_token_member`` (``refresh_token_expires_in``, or
+        Intuit's ``x_refresh_token_expires_in``); stated only, not enforced.
     :param latency: seconds to wait before answering every request.
     :param clock: epoch seconds, for expiry; inject a fake one to expire codes and tokens.
     """
@@ -957,6 +960,8 @@ class PapertrailEmulator:
         require_pkce: bool = False,
         latency: float = 0.0,
         clock: Callable[[], float] = time.time,
+        refresh_token_ttl: int | None = None,
+        refresh_token_member: str = "refresh_token_expires_in",  # noqa: S107 - a JSON member name
     ) -> None:
         if access_token_ttl <= 0 or code_ttl <= 0:
             raise ValueError("access_token_ttl and code_ttl must be positive")
@@ -972,6 +977,8 @@ class PapertrailEmulator:
         self.require_pkce = require_pkce
         self.latency = latency
         self.clock = clock
+        self.refresh_token_ttl = refresh_token_ttl
+        self.refresh_token_member = refresh_token_member
         self.ca_cert_path: str | None = None
 
         self._lock = threading.Lock()
@@ -1605,6 +1612,8 @@ class PapertrailEmulator:
         }
         if refresh_token is not None:
             payload["refresh_token"] = refresh_token
+            if self.refresh_token_ttl is not None:
+                payload[self.refresh_token_member] = self.refresh_token_ttl
         payload["scope"] = scope
         payload["x_papertrail_org_id"] = grant.org_id  # deliberately unknown: clients must ignore it
         return payload

@@ -88,3 +88,34 @@ def test_effective_leeway_is_bounded_by_half_the_lifetime(lifetime, leeway, effe
     assert t.refresh_leeway(leeway) == effective
     assert not t.due_for_refresh(leeway, NOW + lifetime / 2 - 0.01) or lifetime == 0
     assert t.due_for_refresh(leeway, NOW + lifetime - effective)
+
+
+@pytest.mark.parametrize("member", ["refresh_token_expires_in", "x_refresh_token_expires_in"])
+def test_refresh_token_expiry_is_absolute_and_round_trips(member):
+    t = Token.from_response({"access_token": "at-1", "refresh_token": "rt-1", member: "8726400"}, now=NOW)
+    assert t.refresh_expires_at == NOW + 8_726_400
+    assert Token.from_dict(t.to_dict()) == t
+
+
+@pytest.mark.parametrize("value", [None, "soon", -5, 0, float("inf"), True, [1]])
+def test_unusable_refresh_token_expiry_is_unknown(value):
+    t = Token.from_response(
+        {"access_token": "at-1", "refresh_token": "rt-1", "refresh_token_expires_in": value}, now=NOW
+    )
+    assert t.refresh_expires_at is None
+
+
+def test_refresh_token_expiry_kept_when_not_rotated_and_dropped_with_a_new_token():
+    first = Token.from_response(
+        {"access_token": "at-1", "refresh_token": "rt-1", "refresh_token_expires_in": 100}, now=NOW
+    )
+    kept = Token.from_response({"access_token": "at-2"}, now=NOW + 10, previous=first)
+    assert kept.refresh_token == "rt-1" and kept.refresh_expires_at == NOW + 100
+    rotated = Token.from_response({"access_token": "at-3", "refresh_token": "rt-2"}, now=NOW + 20, previous=first)
+    assert rotated.refresh_expires_at is None  # a new refresh token whose lifetime nobody stated
+    assert (
+        Token.from_response({"access_token": "at-4", "refresh_token_expires_in": 5}, now=NOW).refresh_expires_at is None
+    )
+    # grants stored before the field existed
+    legacy = {k: v for k, v in first.to_dict().items() if k != "refresh_expires_at"}
+    assert Token.from_dict(legacy).refresh_expires_at is None
