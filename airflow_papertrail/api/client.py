@@ -35,7 +35,7 @@ from requests.auth import AuthBase
 
 from airflow_papertrail.api.answers import check_envelope
 from airflow_papertrail.api.jsonstream import DEFAULT_MAX_RECORD_CHARS, JsonStreamError, RecordsNotFound, RecordStream
-from airflow_papertrail.api.modules import QuerySpec, is_write, validate
+from airflow_papertrail.api.modules import QuerySpec, is_list, is_write, validate
 from airflow_papertrail.api.sink import Sink
 from airflow_papertrail.exceptions import (
     AnswerRefused,
@@ -348,71 +348,83 @@ class DataClient:
             response = self._send(spec, qparams, body, key)
             status = response.status_code
             try:
-                raw = self._read_all(spec, response, WRITE_ANSWER_LIMIT if spec.write else max_bytes)
-            except _BodyInterrupted as exc:
-                if spec.write:
-                    raise WriteOutcomeUnknown(
-                        f"Papertrail-ai accepted the write {spec.label} (HTTP {status}) but its answer "
-                        f"was cut off ({exc}). It was NOT retried: it has been processed and a replay could create "
-                        "a duplicate. Look the record up in the accounting system.",
+                try:
+                    raw = self._read_all(spec, response, WRITE_ANSWER_LIMIT if spec.write else max_bytes)
+                except _BodyInterrupted as exc:
+                    if spec.write:
+                        raise WriteOutcomeUnknown(
+                            f"Papertrail-ai accepted the write {spec.label} (HTTP {status}) but its answer "
+                            f"was cut off ({exc}). It was NOT retried: it has been processed and a replay could create "
+                            "a duplicate. Look the record up in the accounting system.",
+                            status=status,
+                            module=spec.module,
+                            query=spec.query,
+                        ) from None
+                    if attempt + 1 >= attempts:
+                        raise self._interrupted_error(spec, exc) from None
+                    self._backoff(attempt, spec, exc)
+                    continue
+                except PapertrailApiError as exc:
+                    if spec.write and exc.error == "response_too_large":
+                        raise self._unreadable_write(
+                            spec, status, f"it is larger than {WRITE_ANSWER_LIMIT} bytes and was not read"
+                        ) from None
+                    raise
+                finally:
+                    response.close()
+                if not raw.strip():
+                    if spec.write:
+                        return None
+                    raise PapertrailApiError(
+                        f"Papertrail-ai answered {spec.label} with HTTP {status} and an empty body",
                         status=status,
+                        error="invalid_response",
+                        module=spec.module,
+                        query=spec.query,
+                    )
+                try:
+                    result = _loads(raw, parse_float)
+                except (UnicodeDecodeError, ValueError, RecursionError, ArithmeticError) as exc:
+                    if isinstance(exc, _NonFinite):
+                        what = str(exc)
+                    elif isinstance(exc, (RecursionError, ArithmeticError)) or "digits" in str(exc):
+                        what = f"it cannot be read exactly ({type(exc).__name__}: nested too deeply or a number out of range)"
+                    else:
+                        what = "the body is not JSON"
+                    if spec.write:
+                        raise self._unreadable_write(
+                            spec,
+                            status,
+                            f"{what}; Content-Type {sanitize_description(response.headers.get('Content-Type'), 60)!r}",
+                        ) from None
+                    raise PapertrailApiError(
+                        f"Papertrail-ai answered {spec.label} with HTTP {status} but {what} "
+                        f"(Content-Type {sanitize_description(response.headers.get('Content-Type'), 60)!r})",
+                        status=status,
+                        error="invalid_response",
                         module=spec.module,
                         query=spec.query,
                     ) from None
-                if attempt + 1 >= attempts:
-                    raise self._interrupted_error(spec, exc) from None
-                self._backoff(attempt, spec, exc)
-                continue
-            except PapertrailApiError as exc:
-                if spec.write and exc.error == "response_too_large":
-                    raise self._unreadable_write(
-                        spec, status, f"it is larger than {WRITE_ANSWER_LIMIT} bytes and was not read"
-                    ) from None
+                if isinstance(result, dict):
+                    records = result.get(records_path)
+                    check_envelope(
+                        {k: v for k, v in result.items() if k != records_path},
+                        records=len(records) if isinstance(records, list) else None,
+                        label=spec.label,
+                        records_path=records_path,
+                        write=spec.write,
+                        status=status,
+                        module=spec.module,
+                        query=spec.query,
+                        ignore=list(ignore_members),
+                    )
+                return result
+            except (PapertrailApiError, PapertrailConfigurationError):
                 raise
-            finally:
-                response.close()
-            if not raw.strip():
-                if spec.write:
-                    return None
-                raise PapertrailApiError(
-                    f"Papertrail-ai answered {spec.label} with HTTP {status} and an empty body",
-                    status=status,
-                    error="invalid_response",
-                    module=spec.module,
-                    query=spec.query,
-                )
-            try:
-                result = _loads(raw, parse_float)
-            except (UnicodeDecodeError, ValueError) as exc:
-                what = str(exc) if isinstance(exc, _NonFinite) else "the body is not JSON"
-                if spec.write:
-                    raise self._unreadable_write(
-                        spec,
-                        status,
-                        f"{what}; Content-Type {sanitize_description(response.headers.get('Content-Type'), 60)!r}",
-                    ) from None
-                raise PapertrailApiError(
-                    f"Papertrail-ai answered {spec.label} with HTTP {status} but {what} "
-                    f"(Content-Type {sanitize_description(response.headers.get('Content-Type'), 60)!r})",
-                    status=status,
-                    error="invalid_response",
-                    module=spec.module,
-                    query=spec.query,
-                ) from None
-            if isinstance(result, dict):
-                records = result.get(records_path)
-                check_envelope(
-                    {k: v for k, v in result.items() if k != records_path},
-                    records=len(records) if isinstance(records, list) else None,
-                    label=spec.label,
-                    records_path=records_path,
-                    write=spec.write,
-                    status=status,
-                    module=spec.module,
-                    query=spec.query,
-                    ignore=list(ignore_members),
-                )
-            return result
+            except Exception as exc:  # after a 2xx a write is done: never let it look retryable
+                if not spec.write:
+                    raise
+                raise self._unreadable_write(spec, status, f"{type(exc).__name__} while reading it") from None
         raise AssertionError("unreachable")  # pragma: no cover
 
     def _unreadable_write(self, spec: QuerySpec, status: int, why: str) -> WriteAnswerUnreadable:
@@ -706,7 +718,7 @@ class DataClient:
     def _chunks(self, response: requests.Response, stream: RecordStream | None = None) -> Iterator[bytes]:
         try:
             yield from response.iter_content(self.chunk_size)
-        except (requests.exceptions.ChunkedEncodingError, requests.exceptions.ConnectionError) as exc:
+        except requests.exceptions.RequestException as exc:  # broken chunking, connection, bad gzip
             raise _BodyInterrupted(stream.records if stream else 0, exc) from None
 
     def _read_all(self, spec: QuerySpec, response: requests.Response, max_bytes: int | None) -> bytes:
@@ -738,7 +750,30 @@ class DataClient:
         """The envelope of a streamed answer: error members, paging hints (see api/answers.py)."""
         if stream.top_array:
             return
-        key_array = stream.key_seen and bool(getattr(stream, "key_array", True))
+        if not stream.key_seen and is_list(spec.query):
+            check_envelope(  # an error body first: its message says more than "no data member"
+                stream.envelope,
+                records=None,
+                label=spec.label,
+                records_path=records_path,
+                status=status,
+                module=spec.module,
+                query=spec.query,
+                ignore=list(ignore),
+            )
+            # A list query's answer without its records member is an envelope (or an error),
+            # not one record: never write it as a record and call the list complete.
+            members = ", ".join(sanitize_description(repr(m), 40) for m in list(stream.envelope)[:8]) or "none"
+            raise AnswerRefused(
+                f"the answer of Papertrail-ai {spec.label} has no {records_path!r} member (its members: {members}); "
+                "a list query's records must be there. Nothing was written. If the records are under another "
+                "member, set records_path to it.",
+                error="records_not_found",
+                status=status,
+                module=spec.module,
+                query=spec.query,
+            )
+        key_array = stream.key_seen and stream.key_array
         check_envelope(
             stream.envelope,
             records=stream.records if key_array else None,
@@ -752,11 +787,12 @@ class DataClient:
 
     def _malformed(self, spec: QuerySpec, exc: JsonStreamError, records_path: str = "data") -> PapertrailApiError:
         if isinstance(exc, RecordsNotFound):
-            members = ", ".join(repr(m) for m in exc.members[:5])
+            members = ", ".join(sanitize_description(repr(m), 40) for m in exc.members[:5])
             return AnswerRefused(
                 f"the answer of Papertrail-ai {spec.label} has no {records_path!r} member but holds arrays in "
                 f"{members}; the provider does not guess which one holds the records. Set records_path to the "
-                f"member that does (e.g. records_path={exc.members[0]!r}). Nothing was written.",
+                f"member that does (e.g. records_path={sanitize_description(repr(exc.members[0]), 40)}). "
+                "Nothing was written.",
                 error="records_not_found",
                 module=spec.module,
                 query=spec.query,

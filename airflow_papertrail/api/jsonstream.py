@@ -159,8 +159,10 @@ def _refuse_constant(name: str) -> NoReturn:
     raise _NonFinite(name)
 
 
-def _scanner(parse_float: Callable[[str], Any]) -> Callable[[str, int], tuple[Any, int]]:
-    decoder = json.JSONDecoder(parse_float=parse_float, parse_constant=_refuse_constant)
+def _scanner(
+    parse_float: Callable[[str], Any], parse_int: Callable[[str], Any] | None = None
+) -> Callable[[str, int], tuple[Any, int]]:
+    decoder = json.JSONDecoder(parse_float=parse_float, parse_int=parse_int, parse_constant=_refuse_constant)
     # The C scanner when available; typeshed types make_scanner's argument oddly.
     return cast("Callable[[str, int], tuple[Any, int]]", make_scanner(cast("Any", decoder)))
 
@@ -206,6 +208,8 @@ class RecordStream:
         self.envelope: dict[str, Any] = {}
         #: Whether the top level was an object with ``key`` in it.
         self.key_seen = False
+        #: Whether the key's value was an array (then paging hints apply to its records).
+        self.key_array = False
         #: Whether the body is a top-level array (its items are the records).
         self.top_array = False
         #: Records handed out so far.
@@ -213,7 +217,9 @@ class RecordStream:
         self._decoder = codecs.getincrementaldecoder("utf-8")("strict")
         self._env_scan = _scanner(parse_float)
         # Records: in raw mode only their span matters (floats parsed the cheap way).
-        self._scan = _scanner(float) if raw else self._env_scan
+        # Raw mode only needs a record's span: numbers stay text (no 4300-digit int limit, no
+        # Decimal exponent limit), so both modes accept the same numbers.
+        self._scan = _scanner(str, str) if raw else self._env_scan
         self._msgspec = msgspec.json.Decoder(list[msgspec.Raw])
         self._buf = ""
         self._pos = 0
@@ -382,6 +388,12 @@ class RecordStream:
             raise self._error(
                 f"{exc.args[0]} is not JSON (non-finite numbers are refused; in the value starting here)", pos
             ) from None
+        except (ValueError, ArithmeticError) as exc:  # a 5000-digit int, a Decimal exponent out of range
+            raise self._error(
+                f"a number in the value starting here cannot be read exactly ({type(exc).__name__}: "
+                f"{str(exc)[:80]}); read it with raw extraction (PapertrailExtractOperator), which keeps its text",
+                pos,
+            ) from None
         if not eof and _may_go_on(buf, end, n):
             self._retry_len = 0
             raise _NeedMore
@@ -459,6 +471,7 @@ class RecordStream:
             elif state == _VALUE:
                 member = self._member
                 if member == self.key and char == "[":
+                    self.key_array = True
                     self._state, self._pos = _ARRAY_FIRST, pos + 1
                     continue
                 self._pos = pos
@@ -617,7 +630,7 @@ class RecordStream:
                 else:
                     try:
                         value, end = scan(buf, pos)
-                    except (StopIteration, json.JSONDecodeError, RecursionError, _NonFinite):
+                    except (StopIteration, RecursionError, _NonFinite, ValueError, ArithmeticError):
                         value, end = self._decode(pos, eof)
                     else:
                         if not eof and (end >= n or buf[end] in _NUMBER_GOES_ON) and _may_go_on(buf, end, n):

@@ -38,6 +38,14 @@ WRITE_PREFIXES: tuple[str, ...] = ("create_", "account_")
 _NAME = re.compile(r"[A-Za-z0-9_]{1,64}")
 
 
+def is_list(query: str) -> bool:
+    """Whether a read query answers a list of records (``list_*``, ``*_list``, ``users``).
+
+    Its answer must hold the records under ``records_path``: an object without it is
+    refused instead of being taken as one record (it is an envelope, or an error)."""
+    return query.startswith("list_") or query.endswith("_list") or query == "users"
+
+
 def is_write(query: str) -> bool:
     """Whether a documented query changes data (``create_*``, ``account_*``)."""
     return query.startswith(WRITE_PREFIXES)

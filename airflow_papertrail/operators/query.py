@@ -51,9 +51,11 @@ def _query_params(value: Any) -> dict[str, Any] | None:
             parsed = None
         if isinstance(parsed, dict):
             return parsed
+    from airflow_papertrail.exceptions import sanitize_description
+
     raise _fail(
         f"query_params must be a mapping or the text of a JSON object, got {type(value).__name__} "
-        f"{str(value)[:80]!r}. In a template, render it as JSON: "
+        f"{sanitize_description(value, 80)!r}. In a template, render it as JSON: "
         'query_params="{{ params.query_params | tojson }}" (render_template_as_native_obj is not needed: '
         'it would turn "200" into 200 and "1150.00" into 1150.0)'
     )
@@ -225,6 +227,17 @@ class PapertrailQueryOperator(BaseOperator):
                 raise _fail(self._too_large(f"more than {8 * self.max_xcom_bytes} bytes")) from exc
             if (spec is not None and spec.write and not isinstance(exc, TransientApiError)) or _retry_useless(exc):
                 raise _fail(str(exc)) from exc
+            raise
+        except Exception as exc:
+            # Whatever else goes wrong once a write may have been sent, an Airflow retry must
+            # not send it again (token and configuration problems never got that far).
+            from airflow_papertrail.exceptions import PapertrailError
+
+            if spec is not None and spec.write and not isinstance(exc, (PapertrailError, TransientApiError)):
+                raise _fail(
+                    f"the write {self.module}/{self.query} failed with {type(exc).__name__} after it may have been "
+                    "sent. It was NOT retried: look the record up in the accounting system before running it again."
+                ) from exc
             raise
         size = _xcom_size(result)
         if size > self.max_xcom_bytes:

@@ -38,8 +38,8 @@ PAGED_BODIES = [
     ({"data": [{"id": 1}], "next_page": "https://example.invalid/p2"}, "'next_page' is set"),
     ({"data": [{"id": 1}], "nextPageToken": "abc"}, "'next_page_token' is set"),
     ({"data": [{"id": 1}], "has_more": True}, "'has_more' is true"),
-    ({"data": [{"id": 1}], "links": {"next": {"href": "/p2"}}}, "'next' is set"),
-    ({"data": [{"id": 1}], "meta": {"page": 1, "total_pages": 4}}, "'total_pages' is 4 and this is page 1"),
+    ({"data": [{"id": 1}], "links": {"next": {"href": "/p2"}}}, "'links.next' is set"),
+    ({"data": [{"id": 1}], "meta": {"page": 1, "total_pages": 4}}, "'meta.total_pages' is 4 and this is page 1"),
 ]
 
 NOT_PAGED = [
@@ -324,3 +324,145 @@ def test_data_client_is_usable_without_airflow_context(emulator, tokens):
     with pytest.raises(AnswerRefused):
         c.query("bank", "bank_list")
     c.close()
+
+
+# -- found by review (each failed before its fix) --------------------------------------------
+@pytest.mark.parametrize(
+    "body",
+    [
+        {"status": "ok", "module": "bank", "query": "bank_list", "count": 0},
+        {"status": "ok", "count": 250},
+        {},
+    ],
+)
+def test_a_list_answer_without_its_records_member_is_refused_not_written_as_one_record(
+    emulator, client, tmp_path, body
+):
+    for call in ("extract", "iter"):
+        emulator.inject("api", status=200, body=body)
+        with pytest.raises(AnswerRefused, match="has no 'data' member") as info:
+            _read(client, call, tmp_path)
+        assert info.value.error == "records_not_found"
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_single_object_answer_of_a_report_is_still_one_record(emulator, client, tmp_path):
+    emulator.inject("api", status=200, body={"assets": {"total": "10.00"}, "status": "ok", "count": 7})
+    assert client.extract("reports", "balance_sheet", tmp_path / "b.jsonl")["records"] == 1
+    emulator.inject("api", status=200, body={"id": "INV-1", "status": "authorised", "total": 1150})
+    assert client.extract("customers", "invoice_detail", tmp_path / "i.jsonl")["records"] == 1
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        {"success": 0, "data": []},
+        {"success": "false", "data": []},
+        {"result": "error", "data": []},
+        {"statusCode": 500, "data": []},
+        {"status": "401", "data": []},
+        {"meta": {"error": "invalid_token"}, "data": []},
+        {"error_code": 401, "error_message": "Invalid token"},
+    ],
+)
+def test_php_shaped_error_envelopes_are_refused(emulator, client, tmp_path, body):
+    emulator.inject("api", status=200, body=body)
+    with pytest.raises(AnswerRefused, match="body reports an error"):
+        client.extract("bank", "bank_list", tmp_path / "b.jsonl")
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        {"total": "3", "data": [{"id": 1}]},
+        {"has_more": "true", "data": [{"id": 1}]},
+        {"has_more": 1, "data": [{"id": 1}]},
+        {"total_pages": "4", "page": "1", "data": [{"id": 1}]},
+        {"count": 3.0, "data": [{"id": 1}]},
+        {"links": [{"rel": "next", "href": "/p2"}], "data": [{"id": 1}]},
+    ],
+)
+def test_php_shaped_paging_hints_are_refused(emulator, client, tmp_path, body):
+    emulator.inject("api", status=200, body=body)
+    with pytest.raises(AnswerRefused, match="is paged"):
+        client.extract("bank", "bank_list", tmp_path / "b.jsonl")
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        {"status": "created", "data": {"id": "C-1"}},
+        {"id": "SI-9", "status": "draft"},
+        {"status": 1, "data": {"id": "C-2"}},
+    ],
+)
+def test_a_write_answer_with_a_records_own_status_is_a_success(emulator, client, body):
+    emulator.inject("api", status=201, body=body, after_processing=True)
+    assert client.query("customers", "create_customer", payload={"name": "Acme"}) is not None
+    assert len(emulator.writes) == 1
+
+
+def test_paging_checks_skip_a_report_object_and_null_data(emulator, client, tmp_path):
+    for body, expected in (
+        ({"status": "ok", "total": 1150, "data": {"account": "x"}}, 1),
+        ({"count": 2, "data": None}, 0),
+    ):
+        emulator.inject("api", status=200, body=body)
+        assert client.extract("reports", "trial_balance", tmp_path / "r.jsonl")["records"] == expected
+        emulator.inject("api", status=200, body=body)
+        assert len(list(client.iter_records("reports", "trial_balance"))) == expected
+
+
+@pytest.mark.parametrize(
+    "answer",
+    ['{"data": ' + "[" * 100000 + "]" * 100000 + "}", '{"data": {"fx": 1e1000000000000000000}}'],
+    ids=["deeply-nested", "huge-exponent"],
+)
+def test_any_unreadable_2xx_write_answer_is_done_never_retryable(emulator, client, connected, answer):
+    emulator.inject("api", status=201, body=answer, after_processing=True)
+    with pytest.raises(WriteAnswerUnreadable, match="was DONE"):
+        client.query("customers", "create_customer", payload={"name": "Acme"})
+    emulator.inject("api", status=201, body=answer, after_processing=True)
+    op = PapertrailQueryOperator(
+        task_id="w", module="customers", query="create_customer", payload={"name": "Acme"}, papertrail_conn_id=CONN_ID
+    )
+    if "fx" in answer:  # the operator keeps numbers as text: the huge exponent is just "1e1000000000000000000"
+        assert op.execute(_context())["data"]["fx"] == "1e1000000000000000000"
+    else:
+        with pytest.raises(AirflowFailException, match="was DONE"):
+            op.execute(_context())
+    assert len(emulator.writes) == 2  # one per call, none resent
+
+
+def test_numbers_beyond_python_limits_fail_clearly_in_object_mode_and_pass_raw(emulator, client, tmp_path):
+    big = "1" * 5000
+    body = '{"data": [{"id": 1}, {"n": ' + big + '}, {"fx": 1e1000000000000000000}, {"id": 3}]}'
+    emulator.inject("api", status=200, body=body)
+    assert client.extract("bank", "bank_list", tmp_path / "b.jsonl")["records"] == 4
+    assert (tmp_path / "b.jsonl").read_text().splitlines()[1] == '{"n": ' + big + "}"
+    emulator.inject("api", status=200, body=body)
+    with pytest.raises(PapertrailApiError, match="cannot be read exactly"):
+        list(client.iter_records("bank", "bank_list"))
+
+
+def test_a_token_in_bad_query_params_is_not_echoed(emulator, connected):
+    token = "eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiIxMjM0NTY3ODkwIn0.c2lnbmF0dXJl"
+    op = PapertrailQueryOperator(
+        task_id="q",
+        module="reports",
+        query="trial_balance",
+        query_params="{'access_token': '" + token + "'}",
+        papertrail_conn_id=CONN_ID,
+    )
+    with pytest.raises(AirflowFailException) as info:
+        op.execute(_context())
+    assert token not in str(info.value)
+
+
+def test_ignore_members_reaches_nested_paging_members(emulator, client):
+    body = {"data": [{"id": 1}], "meta": {"total": 1150}}
+    emulator.inject("api", status=200, body=body)
+    with pytest.raises(AnswerRefused, match=r"'meta\.total' is 1150"):
+        client.query("bank", "bank_list")
+    emulator.inject("api", status=200, body=body)
+    assert client.query("bank", "bank_list", ignore_members=["total"])["meta"] == {"total": 1150}
