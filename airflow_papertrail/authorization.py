@@ -230,7 +230,11 @@ class AuthorizationStore:
             f"Pending Papertrail-ai authorization for connection {pending.conn_id!r} "
             "(managed by airflow-provider-papertrail; deleted when redeemed or when the wait ends).",
         )
-        if self.backend.get(key) != envelope:
+        stored = self.backend.get(key)
+        if stored != envelope and not (
+            stored is not None
+            and self.cipher.same_content(PENDING_KIND, pending.authorization_id, stored, envelope)  # rotate-keys
+        ):
             raise PapertrailError(
                 f"the pending authorization for connection {pending.conn_id!r} could not be stored in Variable "
                 f"{key!r} (the write was not confirmed); check the api-server logs and retry"

@@ -123,6 +123,8 @@ def get_provider_info() -> dict[str, Any]:
         "triggers": [
             {"integration-name": "Papertrail-ai", "python-modules": ["airflow_papertrail.triggers.papertrail"]}
         ],
+        # `airflow papertrail grants|rotate-keys` (Airflow 3.2+ load provider CLI commands from here)
+        "cli": ["airflow_papertrail.cli.get_cli_commands"],
         "plugins": [{"name": "papertrail", "plugin-class": "airflow_papertrail.plugins.papertrail.PapertrailPlugin"}],
         "connection-types": [
             {

@@ -274,6 +274,12 @@ class VariableTokenStore:
             reason = type(exc).__name__
         else:
             reason = "a different value was read back"
+        if (
+            stored is not None
+            and stored != envelope
+            and self.cipher.same_content(GRANT_KIND, self.conn_id, stored, envelope)
+        ):
+            return  # re-encrypted under the first key in between (rotate-keys): the same grant
         if stored != envelope:
             # Airflow 3's Task SDK can log an API error from Variable.set and carry on
             # (apache/airflow#68537); never continue on an unconfirmed write.

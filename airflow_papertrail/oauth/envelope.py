@@ -49,6 +49,7 @@ class TokenCipher:
                     "(32 url-safe base64-encoded bytes); generate one with Fernet.generate_key()"
                 ) from None
         self._fernet = MultiFernet(fernets)
+        self._primary = fernets[0]
         self.key_count = len(fernets)
 
     @staticmethod
@@ -100,6 +101,22 @@ class TokenCipher:
                 "Re-run the papertrail_authorize DAG to replace it."
             )
         return payload
+
+    def is_current(self, envelope: str) -> bool:
+        """Whether ``envelope`` is encrypted with the first (primary) key already."""
+        try:
+            self._primary.decrypt(str(json.loads(envelope)["ciphertext"]).encode("ascii"))
+        except (InvalidToken, UnicodeEncodeError, ValueError, TypeError, KeyError):
+            return False
+        return True
+
+    def same_content(self, kind: str, conn_id: str, first: str, second: str) -> bool:
+        """Whether two envelopes hold the same payload (one a re-encryption of the other, e.g.
+        by ``rotate-keys`` between a write and its read-back)."""
+        try:
+            return self.open(kind, conn_id, first) == self.open(kind, conn_id, second)
+        except TokenDecryptionError:
+            return False
 
     def rotate(self, envelope: str) -> str:
         """Re-encrypt an envelope under the first (primary) key, without looking at its content."""

@@ -75,6 +75,7 @@ def test_wheel_contents(dists):
     assert "provider_info = airflow_papertrail.get_provider_info:get_provider_info" in entry_points
     assert "papertrail = airflow_papertrail.plugins.papertrail:PapertrailPlugin" in entry_points
     assert "papertrail-emulator = airflow_papertrail.testing.emulator:main" in entry_points
+    assert "papertrail = airflow_papertrail.cli:main" in entry_points
     # The long description is the README, whose links must work on an index page.
     assert "Use it in your Airflow" in metadata.get_payload()
 

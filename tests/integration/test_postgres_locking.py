@@ -13,7 +13,10 @@ any two writers whatever ``OrmEntryAccess`` does. Here a throw-away PostgreSQL c
 * the callback (``handle_callback``): a second delivery of the same state waits for the
   first and is refused (409), the first's code is kept;
 * a real ``airflow api-server`` (2 worker processes) on PostgreSQL: concurrent token
-  requests and concurrent callbacks through the real routes, same outcomes.
+  requests and concurrent callbacks through the real routes, same outcomes;
+* ``rotate-keys`` (``rotation.rotate_all``) interleaved with a coordinator refresh, both
+  orders: the newest generation survives, encrypted under the new key (and a control run
+  without the lock shows the lost update it prevents).
 
 The in-process scenarios run in a subprocess whose Airflow is configured for PostgreSQL
 (``python -m tests.integration.test_postgres_locking <scenario>``, parameters in an
@@ -288,6 +291,35 @@ def test_api_server_on_postgres_accepts_exactly_one_of_concurrent_callbacks(pg_a
     assert sorted(statuses) == [200] + [409] * 7, statuses
     stored = pg_airflow.scenario("read_pending", state=state)
     assert stored == {"status": "captured", "code": f"code-{statuses.index(200)}"}
+
+
+# -- rotate-keys during a refresh ------------------------------------------------------------------
+def test_rotation_during_a_refresh_keeps_the_newer_generation_under_the_new_key(pg_airflow):
+    """The rotation holds the grant's row (having read generation 1) while the refresh's claim
+    transaction, or its final store after the token answer, waits on PostgreSQL's row lock;
+    then the refresh writes generation 2 and nothing overwrites it with the older
+    re-encrypted grant. The control shows what the lock prevents: a rotation that reads, lets
+    the refresh commit, then writes its older copy back."""
+    r = pg_airflow.scenario(
+        "rotate_during_refresh",
+        code=pg_airflow.issue_code(),
+        code_b=pg_airflow.issue_code(),
+        control_code=pg_airflow.issue_code(),
+    )
+    print(f"\n[postgres] rotate during refresh: {json.dumps(r)}")
+    issued = {_sha256(s) for s in pg_airflow.emulator.issued_secrets}
+    # the rotation re-encrypted generation 1 while the refresh's claim waited; or the refresh's
+    # claim had re-encrypted it already (its store has the new key first) and its final store waited
+    expected = {"rotation_first": "rotated", "refresh_first": "already current"}
+    for order, outcome in expected.items():
+        run = r[order]
+        assert run["refresh_blocked_by_rotation"] is True, order  # PostgreSQL itself: the refresh waited
+        assert run["rotation"] == {"outcome": outcome, "generation": 1}, order
+        assert run["final_generation"] == 2 == run["refresh_result_generation"] == run["health_generation"], order
+        assert run["final_is_current"] is True, order  # the newest generation, under the new key
+        assert run["final_refresh_token_sha256"] in issued, order
+    # without the lock (the control): the older copy wins, which is what the test above rules out
+    assert r["unlocked_control_final_generation"] == 1
 
 
 # ============================================================================================
@@ -628,6 +660,110 @@ def scenario_callbacks_held(state: str) -> dict[str, Any]:
         "final_status": final.status if final else None,
         "final_code": final.code if final else None,
     }
+
+
+def scenario_rotate_during_refresh(code: str, code_b: str, control_code: str) -> dict[str, Any]:
+    from airflow.models.variable import Variable
+    from cryptography.fernet import Fernet
+
+    from airflow_papertrail.health import read_health
+    from airflow_papertrail.oauth import OAuthClient
+    from airflow_papertrail.oauth.envelope import TokenCipher, parse_keys
+    from airflow_papertrail.plugins.locking import OrmEntryAccess
+    from airflow_papertrail.refresh import coordinated_refresh
+    from airflow_papertrail.rotation import rotate_all
+    from airflow_papertrail.token_store import OrmVariables, VariableTokenStore, grant_variable_key
+
+    old_key = parse_keys(os.environ["AIRFLOW__PAPERTRAIL__TOKEN_ENCRYPTION_KEYS"])[0]
+    new_key = Fernet.generate_key().decode()
+    both = TokenCipher([new_key, old_key])  # step 2 of the procedure: the new key first everywhere
+    config = _client_config()
+
+    class GatedClient:
+        """The token request starts only when told: the rotation takes the row lock first."""
+
+        def __init__(self) -> None:
+            self.inner = OAuthClient(config)
+            self.config = config
+            self.started = threading.Event()
+            self.go = threading.Event()
+
+        def refresh(self, *args: Any, **kwargs: Any) -> Any:
+            self.started.set()
+            if not self.go.wait(DEADLINE):
+                raise RuntimeError("the refresh was never let go")
+            return self.inner.refresh(*args, **kwargs)
+
+    def refresh_in_thread(conn_id: str, client: GatedClient) -> _Worker:
+        store = VariableTokenStore(conn_id, cipher=both, backend=OrmVariables())
+        return _Worker(
+            lambda: coordinated_refresh(
+                conn_id,
+                seen_generation=1,
+                force=False,
+                entries=OrmEntryAccess(),
+                store=store,
+                client_factory=lambda: client,
+                config=config,
+            )
+        )
+
+    def interleave(conn_id: str, code: str, *, rotation_first: bool) -> dict[str, Any]:
+        """rotation_first: the rotation holds the row before the refresh's claim transaction;
+        else the refresh claimed and its answer arrives while the rotation holds the row."""
+        _seed_grant(code, conn_id)  # generation 1, expired, under the old key
+        client = GatedClient()
+        access = _HoldFirst()
+        rotation: _Worker | None = None
+        if rotation_first:
+            rotation = _Worker(lambda: rotate_all(cipher=both, entries=access, conn_id=conn_id))
+            _wait(access.held, "the rotation's row lock")
+            client.go.set()
+        refresh = refresh_in_thread(conn_id, client)
+        try:
+            if not rotation_first:
+                _wait(client.started, "the refresh claim")  # claim committed; the token request waits
+                rotation = _Worker(lambda: rotate_all(cipher=both, entries=access, conn_id=conn_id))
+                _wait(access.held, "the rotation's row lock")
+                client.go.set()  # the answer arrives; the refresh's store must wait for the row
+            _wait_blocked(access.holder_pid, [refresh])
+            _, by_rotation = _blocked(access.holder_pid)
+        finally:
+            access.release.set()
+            client.go.set()
+        assert rotation is not None
+        rotated, refreshed = _join(rotation, refresh)
+        raw = Variable.get(grant_variable_key(conn_id))
+        final = TokenCipher([new_key]).open("grant", conn_id, raw)  # the new key alone opens it
+        grant_rotation = next(r for r in rotated if r.kind == "grant")
+        return {
+            "refresh_blocked_by_rotation": by_rotation,
+            "rotation": {"outcome": grant_rotation.outcome, "generation": grant_rotation.generation},
+            "refresh_result_generation": refreshed.generation,
+            "final_generation": final["generation"],
+            "final_is_current": both.is_current(raw),
+            "health_generation": read_health(conn_id, backend=OrmVariables()).generation,
+            "final_refresh_token_sha256": hashlib.sha256(str(final["token"]["refresh_token"]).encode()).hexdigest(),
+        }
+
+    results: dict[str, Any] = {
+        "rotation_first": interleave("pt_pg_rotate_a", code, rotation_first=True),
+        "refresh_first": interleave("pt_pg_rotate_b", code_b, rotation_first=False),
+    }
+
+    # 2. the control: read before the refresh commits, write the older copy after (no lock)
+    control = "pt_pg_rotate_control"
+    _seed_grant(control_code, control)
+    key = grant_variable_key(control)
+    stale = Variable.get(key)
+    client2 = GatedClient()
+    client2.go.set()
+    _join(refresh_in_thread(control, client2))
+    Variable.set(key, both.rotate(stale))
+    control_final = both.open("grant", control, Variable.get(key))
+
+    results["unlocked_control_final_generation"] = control_final["generation"]
+    return results
 
 
 def _main(argv: list[str]) -> int:
