@@ -5,6 +5,7 @@ provider's ``cli`` entry, real Variables, grants obtained from the emulator."""
 from __future__ import annotations
 
 import json
+import re
 import sys
 import time
 
@@ -28,6 +29,13 @@ def _commands_env(emulator, keys: list[str]) -> dict[str, str]:
         AIRFLOW__PAPERTRAIL__TOKEN_ENCRYPTION_KEYS=",".join(keys),
         **{f"AIRFLOW_CONN_{c.upper()}": emulator_connection(emulator.base_url) for c in (OK_CONN, NEW_CONN)},
     )
+
+
+def _json(stdout: str) -> list[dict]:
+    """The command's JSON list; Airflow 3.2.2 prints its own log lines (alembic) on stdout first."""
+    match = re.search(r"^\[", stdout, re.M)
+    assert match, f"no JSON list in the output:\n{stdout[-2000:]}"
+    return json.loads(stdout[match.start() :])
 
 
 def _mine(rows: list[dict], field: str = "conn_id") -> dict[str, dict]:
@@ -74,7 +82,7 @@ def test_grants_and_rotate_keys_commands(airflow_db, emulator):
     started = time.monotonic()
     table = run([airflow, "papertrail", "grants"], env=env).stdout
     grants_s = time.monotonic() - started
-    rows = _mine(json.loads(run([airflow, "papertrail", "grants", "--output", "json"], env=env).stdout))
+    rows = _mine(_json(run([airflow, "papertrail", "grants", "--output", "json"], env=env).stdout))
     print("\n[grants -o json] " + json.dumps(rows[OK_CONN], indent=2, sort_keys=True))
     assert rows[OK_CONN]["state"] == "valid" and rows[OK_CONN]["generation"] == 1
     assert rows[OK_CONN]["scopes"] == ["accounting.read"]
@@ -89,7 +97,7 @@ def test_grants_and_rotate_keys_commands(airflow_db, emulator):
     before = {k: backend.get(k) for k in (grant_variable_key(OK_CONN), pending_key, grant_variable_key(BAD_CONN))}
     dry = run([airflow, "papertrail", "rotate-keys", "--dry-run", "-o", "json"], env=env, check=False)
     assert dry.returncode == 1  # the foreign grant cannot be decrypted
-    dry_rows = _mine(json.loads(dry.stdout), "variable")
+    dry_rows = _mine(_json(dry.stdout), "variable")
     assert dry_rows[grant_variable_key(OK_CONN)]["outcome"] == "would rotate"
     assert {k: backend.get(k) for k in before} == before  # nothing written
 
@@ -111,7 +119,7 @@ def test_grants_and_rotate_keys_commands(airflow_db, emulator):
 
     # again, one connection only: already current
     again = run([airflow, "papertrail", "rotate-keys", "--conn-id", OK_CONN, "-o", "json"], env=env)
-    outcomes = {r["variable"]: r["outcome"] for r in json.loads(again.stdout)}
+    outcomes = {r["variable"]: r["outcome"] for r in _json(again.stdout)}
     assert outcomes == {grant_variable_key(OK_CONN): "already current", pending_key: "already current"}
 
     every_output = table + dry.stdout + proc.stdout + proc.stderr + again.stdout
