@@ -553,7 +553,13 @@ def get_valid_token(
     stored = hook.token_store.load()
     if stored is None:
         raise ReauthorizationRequired(conn_id, "no grant is stored for this connection")
-    check_binding(stored, hook.config)  # before any token goes anywhere (data API or refresh)
+    try:
+        check_binding(stored, hook.config)  # before any token goes anywhere (data API or refresh)
+    except ReauthorizationRequired as exc:
+        from airflow_papertrail.health import REAUTHORIZATION_REQUIRED
+
+        hook.token_store.record_failure(REAUTHORIZATION_REQUIRED, exc.error, exc.description)
+        raise
     seen = stored.generation if refused_generation is None or not force_refresh else refused_generation
     decision = plan(stored, seen_generation=seen, force=force_refresh, leeway=hook.config.leeway, now=time.time())
     if decision == USE:

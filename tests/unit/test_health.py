@@ -229,3 +229,23 @@ def test_hook_grant_health_reads_the_plain_variable():
     hook.__dict__["token_store"] = VariableTokenStore(CONN, backend=backend)
     h = hook.grant_health()
     assert (h.state, h.generation) == ("refresh_failing", 4)
+
+
+def test_a_connection_repointed_since_consent_records_reauthorization(refresh_emulator, monkeypatch):
+    """``endpoints_changed`` (refresh.check_binding) is recorded where the task meets it."""
+    from airflow_papertrail.hooks.papertrail import PapertrailHook
+    from airflow_papertrail.refresh import get_valid_token
+
+    emu = refresh_emulator
+    store = _store(Clock(emu.clock()))
+    client = _client(emu)
+    _consent(emu, store, client)
+    hook = PapertrailHook(CONN)
+    hook.__dict__["token_store"] = store
+    hook.__dict__["config"] = OAuthClientConfig(
+        client_id=CLIENT_ID, client_secret=CLIENT_SECRET, base_url="https://elsewhere.example.com", system="xero"
+    )
+    with pytest.raises(ReauthorizationRequired):
+        get_valid_token(hook)
+    h = read_health(CONN, backend=store.backend)
+    assert h.state == "reauthorization_required" and h.reauthorization_error == "endpoints_changed"
