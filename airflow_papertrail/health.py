@@ -269,7 +269,8 @@ def record_use(backend: VariableBackend, conn_id: str, *, now: float | None = No
         if previous.last_used_at is not None and at - previous.last_used_at < USE_RECORD_INTERVAL:
             _USE_NOTED[conn_id] = previous.last_used_at  # look again once the recorded use is an hour old
             return
-        _write(backend, replace(previous, last_used_at=at))
+        latest = _load(backend, conn_id)  # a refresh may have recorded a newer grant meanwhile: keep it
+        _write(backend, replace(latest or previous, last_used_at=at))
         written = True
 
     _advisory("use", conn_id, action)
