@@ -750,10 +750,11 @@ class DataClient:
         """The envelope of a streamed answer: error members, paging hints (see api/answers.py)."""
         if stream.top_array:
             return
-        if not stream.key_seen and is_list(spec.query):
-            check_envelope(  # an error body first: its message says more than "no data member"
+
+        def check(records: int | None) -> None:
+            check_envelope(
                 stream.envelope,
-                records=None,
+                records=records,
                 label=spec.label,
                 records_path=records_path,
                 status=status,
@@ -761,6 +762,9 @@ class DataClient:
                 query=spec.query,
                 ignore=list(ignore),
             )
+
+        if not stream.key_seen and is_list(spec.query):
+            check(None)  # an error body first: its message says more than "no data member"
             # A list query's answer without its records member is an envelope (or an error),
             # not one record: never write it as a record and call the list complete.
             members = ", ".join(sanitize_description(repr(m), 40) for m in list(stream.envelope)[:8]) or "none"
@@ -773,17 +777,7 @@ class DataClient:
                 module=spec.module,
                 query=spec.query,
             )
-        key_array = stream.key_seen and stream.key_array
-        check_envelope(
-            stream.envelope,
-            records=stream.records if key_array else None,
-            label=spec.label,
-            records_path=records_path,
-            status=status,
-            module=spec.module,
-            query=spec.query,
-            ignore=list(ignore),
-        )
+        check(stream.records if stream.key_seen and stream.key_array else None)
 
     def _malformed(self, spec: QuerySpec, exc: JsonStreamError, records_path: str = "data") -> PapertrailApiError:
         if isinstance(exc, RecordsNotFound):
