@@ -321,6 +321,9 @@ def _service_settings(args: argparse.Namespace) -> dict[str, str] | None:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
+    # Ctrl-C must stop the demo even when it was started from a background job, which
+    # inherits SIGINT ignored (a non-interactive shell's `&`); Python then raises nothing.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     service = _service_settings(args)
     system = args.system or os.environ.get("PAPERTRAIL_SYSTEM") or "xero"
     scope = (

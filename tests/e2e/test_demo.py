@@ -5,6 +5,7 @@ through PAPERTRAIL_* settings alone, it uses that service and starts no emulator
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import signal
@@ -50,12 +51,18 @@ def _assert_summary(out: str) -> None:
             assert sum(1 for _ in fh) == int(records) > 0, task_id
 
 
+def _recorded_groups() -> set[int]:
+    """The process groups the demo recorded (empty when it recorded none)."""
+    path = REPO / ".demo" / "process-groups"
+    return {int(line) for line in path.read_text().split()} if path.exists() else set()
+
+
 def _leftovers() -> list[str]:
     """Pids of processes the demo started that still run: any process in the process groups or
     sessions it recorded in .demo/process-groups (Airflow's children rename themselves with
     setproctitle, which wipes /proc/<pid>/environ, so the environment alone does not find
     them), or with the demo's AIRFLOW_HOME in its environment."""
-    groups = {int(line) for line in (REPO / ".demo" / "process-groups").read_text().split()}
+    groups = _recorded_groups()
     assert groups, "the demo recorded no process groups"
     demo_home = str(REPO / ".demo" / "airflow-home")
     leftovers = []
@@ -159,6 +166,9 @@ def test_ctrl_c_stops_everything_the_demo_started():
         if proc.poll() is None:
             proc.kill()
             proc.wait(timeout=30)
+            for pgid in _recorded_groups():  # never leave Airflow running behind a failed test
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.killpg(pgid, signal.SIGKILL)
         reader.join(timeout=10)
         append_captured("".join(lines))
     out = "".join(lines)
