@@ -50,6 +50,10 @@ COMPAT_TESTS = [
     # the coordinator's use of it runs on 3.2.2 through test_refresh_coordinator/test_refresh_policy).
     "--ignore=tests/integration/test_packaging.py",
     "--ignore=tests/integration/test_postgres_locking.py",
+    # The snapshot bookkeeping of the example extract DAG (folders, manifests) is ours, not
+    # Airflow's; its layout test and the templated-interval test still run on 3.2.2.
+    "--deselect=tests/integration/test_data_operators.py::test_two_runs_of_one_logical_date_land_in_two_folders",
+    "--deselect=tests/integration/test_data_operators.py::test_a_run_with_a_failed_extract_leaves_no_manifest",
 ]
 UV_VERSION = "0.13.9"
 BIN = "Scripts" if os.name == "nt" else "bin"
