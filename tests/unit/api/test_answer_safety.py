@@ -16,7 +16,6 @@ from airflow.sdk.exceptions import AirflowFailException
 from airflow_papertrail.api.client import DataClient, PapertrailApiError, TransientApiError
 from airflow_papertrail.exceptions import AnswerRefused, WriteAnswerUnreadable
 from airflow_papertrail.operators.query import PapertrailExtractOperator, PapertrailQueryOperator
-from tests.unit.api.support import TokenSource, data_client
 from tests.unit.api.test_query_operators import CONN_ID, _context
 from tests.unit.api.test_query_operators import connected as _connected_fixture
 
@@ -47,18 +46,6 @@ NOT_PAGED = [
     {"data": [{"id": 1}], "next_page": None, "has_more": False, "cursor": ""},
     {"data": [{"id": 1}], "meta": {"page": 2, "total_pages": 2}},
 ]
-
-
-@pytest.fixture
-def tokens(emulator):
-    return TokenSource(emulator)
-
-
-@pytest.fixture
-def client(emulator, tokens):
-    c = data_client(emulator, tokens)
-    yield c
-    c.close()
 
 
 def _read(client, call, tmp_path):

@@ -29,18 +29,6 @@ LIST_QUERIES = {
 }
 
 
-@pytest.fixture
-def tokens(emulator):
-    return TokenSource(emulator)
-
-
-@pytest.fixture
-def client(emulator, tokens):
-    c = data_client(emulator, tokens)
-    yield c
-    c.close()
-
-
 def _no_secret_in(text: str, tokens: TokenSource) -> None:
     for value in (tokens.token.access_token, tokens.token.refresh_token):
         assert value and value not in text

@@ -16,21 +16,9 @@ import pytest
 from airflow_papertrail.api.client import PapertrailApiError, TransientApiError
 from airflow_papertrail.exceptions import PapertrailConfigurationError
 from tests.conftest import append_captured
-from tests.unit.api.support import FAST, TokenSource, data_client
+from tests.unit.api.support import FAST
 
 REPO = Path(__file__).resolve().parents[3]
-
-
-@pytest.fixture
-def tokens(emulator):
-    return TokenSource(emulator)
-
-
-@pytest.fixture
-def client(emulator, tokens):
-    c = data_client(emulator, tokens)
-    yield c
-    c.close()
 
 
 def _lines(path: Path) -> list[dict]:
