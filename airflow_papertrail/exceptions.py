@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import re
 
+from airflow_papertrail.links import connect_page_url
+
 # Server-supplied descriptions are shown to users; keep them short and strip anything that
 # looks like a long opaque value (a token echoed back by a misbehaving server).
 _OPAQUE = re.compile(r"[A-Za-z0-9_\-\.~+/=]{24,}")
@@ -95,9 +97,11 @@ class ReauthorizationRequired(InvalidGrantError):
             conn_id=conn_id,
             hint=(
                 f"The Papertrail-ai grant of connection {conn_id!r} can no longer be used. "
-                f"Trigger the papertrail_authorize DAG with conn_id={conn_id!r} and approve access again."
+                f"Reconnect it on the Connect page ({connect_page_url(conn_id)}), or trigger the "
+                f"papertrail_authorize DAG with conn_id={conn_id!r}, and approve access again."
             ),
         )
+        self.connect_url = connect_page_url(conn_id)
 
 
 class TransientOAuthError(PapertrailError):

@@ -161,6 +161,15 @@ def get_provider_info() -> dict[str, Any]:
                         "example": "api-server",
                         "default": "auto",
                     },
+                    "connect_page_url": {
+                        "description": "Address of the Connect page (grant health, Connect/Reconnect buttons) that "
+                        "re-authorization errors and grant alerts link to, and that is registered as QuickBooks' "
+                        "Reconnect URL. Default: [api] base_url + /papertrail/connections.",
+                        "version_added": "0.2.0",
+                        "type": "string",
+                        "example": "https://airflow.example.com/papertrail/connections",
+                        "default": None,
+                    },
                     "coordinator_url": {
                         "description": "URL of the api-server's refresh route. Default: derived from [core] "
                         "execution_api_server_url (http://host:8080/execution/ -> http://host:8080/papertrail/token).",
