@@ -2,11 +2,13 @@
 """The project's two entry points, each bootstrapping its own environment from uv.lock.
 
     python3 scripts/dev.py demo    # a local Airflow with the provider and the emulator
-    python3 scripts/dev.py test    # ruff + mypy + strict docs build + the whole pytest suite,
-                                   # a 1,000-request fuzz of the plugin's routes, then the
-                                   # compat suite on the newest Airflow 3.2.x and the unit
+    python3 scripts/dev.py test    # ruff + mypy + strict docs build + the whole pytest suite
+                                   # and a 1,000-request fuzz of the plugin's routes; beside
+                                   # them (a second process, its log printed at the end) the
+                                   # compat suite on the newest Airflow 3.2.x, then the unit
                                    # suite on the other supported Pythons found here
     python3 scripts/dev.py compat  # only the compat suite (unit, dag.test, real-triggerer E2E)
+    python3 scripts/dev.py versions  # the compat suite, then the other Pythons' unit suites
     python3 scripts/dev.py build   # wheel + sdist into dist/, checked by twine
 
 Needs only Python 3.10-3.13 and pip: uv is installed into .tools/ when it is not on PATH,
@@ -27,6 +29,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from pathlib import Path
@@ -189,6 +192,51 @@ def run_other_pythons() -> list[str]:
     return failures
 
 
+def cmd_versions(args: argparse.Namespace) -> int:
+    """The Airflow 3.2.x suite, then the other Pythons' unit suites (what ``test`` runs beside the main suite)."""
+    failures = []
+    rc = run_compat([])
+    if rc != 0:
+        failures.append("compat (Airflow 3.2)" + (" (no tests)" if rc == 5 else ""))
+    failures.extend(run_other_pythons())
+    if failures:
+        say("FAILED: " + ", ".join(failures))
+        return 1
+    say("version suites passed")
+    return 0
+
+
+VERSIONS_LOG = ROOT / ".version-suites.log"
+
+
+def start_version_suites(env: dict[str, str]) -> tuple[subprocess.Popen[bytes], float]:
+    """Start ``dev.py versions`` beside the main suite (CI budget: the main suite mostly waits on one
+    Airflow process at a time, so the second core is idle). Its own TMPDIR keeps the two suites'
+    temporary files (and the per-machine refresh lock files) apart; its output goes to a log that
+    :func:`finish_version_suites` prints."""
+    child_env = dict(env)
+    child_env["TMPDIR"] = tempfile.mkdtemp(prefix="papertrail-versions-")
+    say(f"Airflow 3.2.x and other-Python suites: started beside the main suite (log: {VERSIONS_LOG.name})")
+    with VERSIONS_LOG.open("wb") as log_file:
+        proc = subprocess.Popen(
+            [sys.executable, str(Path(__file__).resolve()), "versions"],
+            cwd=ROOT,
+            env=child_env,
+            stdin=subprocess.DEVNULL,
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+        )
+    return proc, time.monotonic()
+
+
+def finish_version_suites(proc: subprocess.Popen[bytes], started: float) -> list[str]:
+    rc = proc.wait()
+    say(f"Airflow 3.2.x and other-Python suites: exit {rc} after {time.monotonic() - started:.0f} s; their log:")
+    sys.stdout.write(VERSIONS_LOG.read_text(errors="replace"))
+    sys.stdout.flush()
+    return [] if rc == 0 else ["version suites (Airflow 3.2.x / other Pythons; log above)"]
+
+
 def cmd_compat(args: argparse.Namespace) -> int:
     rc = run_compat(args.pytest_args)
     if rc == 0:
@@ -217,6 +265,7 @@ def cmd_test(args: argparse.Namespace) -> int:
         ("mypy", [py, "-m", "mypy"]),
         ("docs (strict)", [py, "-m", "mkdocs", "build", "--strict", "--quiet", "-d", str(ROOT / "site")]),
     ]
+    versions = None if args.no_compat else start_version_suites(env)
     if not args.skip_lint:
         for name, cmd in steps:
             if run_step(name, cmd, env) != 0:
@@ -233,11 +282,8 @@ def cmd_test(args: argparse.Namespace) -> int:
         fuzz = [py, str(ROOT / "benchmarks" / "fuzz_routes.py"), "--requests", str(FUZZ_REQUESTS)]
         if run_step(f"route fuzz ({FUZZ_REQUESTS} requests)", fuzz, env) != 0:
             failures.append("route fuzz")
-    if not args.no_compat:
-        rc = run_compat([])
-        if rc != 0:
-            failures.append("compat (Airflow 3.2)" + (" (no tests)" if rc == 5 else ""))
-        failures.extend(run_other_pythons())
+    if versions is not None:
+        failures.extend(finish_version_suites(*versions))
     if failures:
         say("FAILED: " + ", ".join(failures))
         return 1
@@ -544,6 +590,8 @@ def main(argv: list[str] | None = None) -> int:
     compat = sub.add_parser("compat", help="unit, dag.test and real-triggerer suites on the newest Airflow 3.2.x")
     compat.add_argument("pytest_args", nargs="*", help="pytest arguments instead of the default test paths")
     compat.set_defaults(func=cmd_compat)
+    versions = sub.add_parser("versions", help="the Airflow 3.2.x suite, then the other Pythons' unit suites")
+    versions.set_defaults(func=cmd_versions)
     demo = sub.add_parser("demo", help="a local Airflow with the provider and the Papertrail-ai emulator")
     demo.add_argument("--port", type=int, default=8080)
     demo.add_argument("--emulator-port", type=int, default=8443)
