@@ -132,6 +132,7 @@ _STAT_KEYS: tuple[str, ...] = (
     "invalid_client_errors",
     "invalid_grant_errors",
     "grants_revoked",
+    "refresh_tokens_expired",
     "api_requests",
     "invalid_token_errors",
     "records_streamed",
@@ -268,6 +269,10 @@ class _AccessToken:
 class _RefreshToken:
     grant_id: str
     rotated: bool = False
+    #: Emulator clock at issue, and at its last successful presentation (without rotation the
+    #: same token is presented again and again: each use restarts its idle time).
+    issued_at: float = 0.0
+    last_used_at: float | None = None
 
 
 @dataclass
@@ -941,7 +946,12 @@ class PapertrailEmulator:
     :param require_pkce: refuse authorization requests without an S256 ``code_challenge``.
     :param refresh_token_ttl: when set, token answers that carry a refresh token state its
         lifetime in seconds under ``refresh_token_member`` (``refresh_token_expires_in``, or
-        Intuit's ``x_refresh_token_expires_in``); stated only, not enforced.
+        Intuit's ``x_refresh_token_expires_in``), and a refresh token older than that (since
+        it was issued, on :attr:`clock`) is refused with ``invalid_grant``.
+    :param refresh_token_idle_ttl: when set, a refresh token not presented for longer than
+        this many seconds (since it was issued, or since its last use when tokens do not
+        rotate) is refused with ``invalid_grant``, like Xero's 60 days or QuickBooks' 100
+        days unused. Not stated in answers (those providers do not state it either).
     :param latency: seconds to wait before answering every request.
     :param clock: epoch seconds, for expiry; inject a fake one to expire codes and tokens.
     """
@@ -962,9 +972,13 @@ class PapertrailEmulator:
         clock: Callable[[], float] = time.time,
         refresh_token_ttl: int | None = None,
         refresh_token_member: str = "refresh_token_expires_in",  # noqa: S107 - a JSON member name
+        refresh_token_idle_ttl: int | None = None,
     ) -> None:
         if access_token_ttl <= 0 or code_ttl <= 0:
             raise ValueError("access_token_ttl and code_ttl must be positive")
+        for name, ttl in (("refresh_token_ttl", refresh_token_ttl), ("refresh_token_idle_ttl", refresh_token_idle_ttl)):
+            if ttl is not None and ttl <= 0:
+                raise ValueError(f"{name} must be positive")
         if latency < 0:
             raise ValueError("latency must not be negative")
         self.host = host
@@ -979,6 +993,7 @@ class PapertrailEmulator:
         self.clock = clock
         self.refresh_token_ttl = refresh_token_ttl
         self.refresh_token_member = refresh_token_member
+        self.refresh_token_idle_ttl = refresh_token_idle_ttl
         self.ca_cert_path: str | None = None
 
         self._lock = threading.Lock()
@@ -1265,6 +1280,14 @@ class PapertrailEmulator:
                 return False
             return self._revoke_grant_locked(record.grant_id)
 
+    def revoke_client_grants(self, client_id: str) -> int:
+        """Revoke every live grant of ``client_id`` (the app was disconnected or its access
+        withdrawn); returns how many were alive. Their refresh tokens are then refused with
+        ``invalid_grant`` and their access tokens with 401."""
+        with self._lock:
+            ids = [g.grant_id for g in self._grants.values() if g.client_id == client_id and g.active]
+            return sum(self._revoke_grant_locked(grant_id) for grant_id in ids)
+
     def expire_access_tokens(self) -> int:
         """Expire every access token now (refresh tokens stay valid); returns how many were live."""
         with self._lock:
@@ -1390,7 +1413,7 @@ class PapertrailEmulator:
 
     def _new_refresh_locked(self, grant: _Grant) -> str:
         token = self._new_secret()
-        self._refresh[token] = _RefreshToken(grant.grant_id)
+        self._refresh[token] = _RefreshToken(grant.grant_id, issued_at=self.clock())
         grant.refresh_tokens.add(token)
         return token
 
@@ -1678,6 +1701,10 @@ class PapertrailEmulator:
                     self._revoke_grant_locked(record.grant_id)
                     return self._invalid_grant_locked("refresh token reuse detected; the grant has been revoked")
                 return self._invalid_grant_locked("the refresh token has been rotated")
+            expired = self._refresh_expiry_locked(record)
+            if expired is not None:
+                self._stats._bump("refresh_tokens_expired")
+                return self._invalid_grant_locked(expired)
             scope = grant.scope
             if requested_scope is not None:
                 wanted = requested_scope.split()
@@ -1689,9 +1716,21 @@ class PapertrailEmulator:
             if self.rotate_refresh_tokens:
                 record.rotated = True
                 new_refresh = self._new_refresh_locked(grant)
+            else:
+                record.last_used_at = self.clock()
             self._stats._bump("refresh_grants")
             payload = self._token_payload(grant, access, scope, new_refresh)
         return _json_response(200, payload)
+
+    def _refresh_expiry_locked(self, record: _RefreshToken) -> str | None:
+        """Why ``record`` may no longer be presented (absolute or idle expiry), or None."""
+        now = self.clock()
+        if self.refresh_token_ttl is not None and now - record.issued_at > self.refresh_token_ttl:
+            return "the refresh token has expired"
+        idle_since = record.last_used_at if record.last_used_at is not None else record.issued_at
+        if self.refresh_token_idle_ttl is not None and now - idle_since > self.refresh_token_idle_ttl:
+            return f"the refresh token expired after more than {self.refresh_token_idle_ttl} s unused"
+        return None
 
     # data modules ---------------------------------------------------------------------------
     def _handle_api(self, request: _Request, module: str) -> _Response:
@@ -1848,6 +1887,18 @@ def _build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="do not revoke the grant when a rotated refresh token is reused",
     )
+    parser.add_argument(
+        "--refresh-token-ttl",
+        type=int,
+        default=None,
+        help="refresh token lifetime in seconds: stated in token answers and enforced (default: none)",
+    )
+    parser.add_argument(
+        "--refresh-token-idle-ttl",
+        type=int,
+        default=None,
+        help="refuse refresh tokens unused for longer than this many seconds (default: never)",
+    )
     parser.add_argument("--require-pkce", action="store_true", help="refuse authorization requests without PKCE S256")
     parser.add_argument("--latency", type=float, default=0.0, help="seconds to wait before every answer")
     parser.add_argument(
@@ -1879,6 +1930,8 @@ def main(argv: list[str] | None = None) -> int:
             revoke_on_refresh_reuse=not args.no_revoke_on_reuse,
             require_pkce=args.require_pkce,
             latency=args.latency,
+            refresh_token_ttl=args.refresh_token_ttl,
+            refresh_token_idle_ttl=args.refresh_token_idle_ttl,
         )
     except ValueError as exc:
         parser.error(str(exc))

@@ -570,6 +570,91 @@ def test_reuse_without_revocation_only_refuses_the_old_token() -> None:
         assert _refresh(emu, second["refresh_token"]).status_code == 200
 
 
+DAY = 86_400
+
+
+def test_idle_refresh_token_expires_on_the_emulator_clock(clock: FakeClock) -> None:
+    """Xero-like idle expiry: a refresh token unused for longer than the idle TTL is refused;
+    presenting it in time issues a new one whose idle time starts again."""
+    with _run(clock=clock, refresh_token_idle_ttl=60 * DAY) as emu:
+        first = _tokens(emu)
+        clock.now += 59 * DAY
+        second = _refresh(emu, first["refresh_token"])
+        assert second.status_code == 200, second.text
+        assert "refresh_token_expires_in" not in second.json()  # idle expiry is not stated
+        clock.now += 59 * DAY  # 118 days after consent, 59 since the last refresh: still alive
+        third = _refresh(emu, second.json()["refresh_token"])
+        assert third.status_code == 200
+        clock.now += 60 * DAY + 1
+        dead = _refresh(emu, third.json()["refresh_token"])
+        assert dead.status_code == 400
+        assert dead.json()["error"] == "invalid_grant"
+        assert "unused" in dead.json()["error_description"]
+        assert emu.stats["refresh_tokens_expired"] == 1
+        assert emu.stats["grants_revoked"] == 0  # expired, not revoked: the access token still works
+        assert emu.stats["refresh_grants"] == 2
+
+
+def test_idle_expiry_without_rotation_counts_from_the_last_use(clock: FakeClock) -> None:
+    with _run(clock=clock, refresh_token_idle_ttl=100 * DAY, rotate_refresh_tokens=False) as emu:
+        first = _tokens(emu)
+        for _ in range(3):  # 270 days in all, never 100 in a row unused
+            clock.now += 90 * DAY
+            assert _refresh(emu, first["refresh_token"]).status_code == 200
+        clock.now += 100 * DAY + 1
+        assert _refresh(emu, first["refresh_token"]).json()["error"] == "invalid_grant"
+        assert emu.stats["refresh_tokens_expired"] == 1
+
+
+def test_refresh_token_ttl_is_stated_and_enforced(clock: FakeClock) -> None:
+    with _run(clock=clock, refresh_token_ttl=30 * DAY, refresh_token_member="x_refresh_token_expires_in") as emu:
+        first = _tokens(emu)
+        assert first["x_refresh_token_expires_in"] == 30 * DAY
+        clock.now += 30 * DAY
+        second = _refresh(emu, first["refresh_token"]).json()  # exactly at its lifetime: still valid
+        assert second["x_refresh_token_expires_in"] == 30 * DAY  # each rotated token states its own
+        clock.now += 30 * DAY + 1
+        expired = _refresh(emu, second["refresh_token"])
+        assert (expired.status_code, expired.json()["error"]) == (400, "invalid_grant")
+        assert expired.json()["error_description"] == "the refresh token has expired"
+        assert emu.stats["refresh_tokens_expired"] == 1
+
+
+def test_ttls_must_be_positive() -> None:
+    for kwargs in ({"refresh_token_ttl": 0}, {"refresh_token_idle_ttl": -1}):
+        with pytest.raises(ValueError, match="must be positive"):
+            PapertrailEmulator(**kwargs)
+
+
+def test_revoke_grant_and_every_grant_of_a_client(emu: PapertrailEmulator) -> None:
+    params = {"system": "xero", "query": "co_details"}
+    one, two = _tokens(emu), _tokens(emu)
+    code = emu.issue_code(client_id=OTHER_ID, redirect_uri=OTHER_REDIRECT, scope="bank")
+    response = requests.post(
+        emu.token_url,
+        data={
+            "grant_type": "authorization_code",
+            "code": code,
+            "redirect_uri": OTHER_REDIRECT,
+            "client_id": OTHER_ID,
+            "client_secret": OTHER_SECRET,
+        },
+        timeout=TIMEOUT,
+    )
+    other = response.json()
+    assert emu.revoke_grant(one["refresh_token"]) is True
+    assert emu.revoke_grant(one["access_token"]) is False  # already revoked
+    refused = _refresh(emu, one["refresh_token"])
+    assert (refused.status_code, refused.json()["error"]) == (400, "invalid_grant")
+    assert _api(emu, "company", one["access_token"], params=params).status_code == 401
+    assert _api(emu, "company", two["access_token"], params=params).status_code == 200
+    assert emu.revoke_client_grants(CLIENT_ID) == 1  # only `two` was still alive
+    assert _refresh(emu, two["refresh_token"]).json()["error"] == "invalid_grant"
+    assert _api(emu, "company", two["access_token"], params=params).status_code == 401
+    assert emu.grant_is_active(other["refresh_token"])  # another client's grant is untouched
+    assert emu.stats["grants_revoked"] == 2
+
+
 def test_concurrent_refreshes_of_one_token_kill_the_grant(emu: PapertrailEmulator) -> None:
     """Why clients must serialize refreshes: parallel use of one refresh token is reuse."""
     first = _tokens(emu)
