@@ -199,3 +199,18 @@ class AnswerRefused(PapertrailApiError):
     (it announces more records than it carried), ``records_not_found`` (no ``data`` member,
     but arrays elsewhere: set ``records_path``). Nothing was written to the destination.
     """
+
+
+class GrantsNeedReauthorization(PapertrailError):
+    """The grant health task found dead grants (or could not check some): raised after notifying.
+
+    :param message: which connections, why, and the Connect page link.
+    :param conn_ids: the connections whose grant needs re-authorization.
+    :param failed_conn_ids: the connections that could not be checked.
+    """
+
+    def __init__(self, message: str, *, conn_ids: list[str], failed_conn_ids: list[str] | None = None) -> None:
+        self.conn_ids = list(conn_ids)
+        self.failed_conn_ids = list(failed_conn_ids or [])
+        self.connect_url = connect_page_url()
+        super().__init__(message)

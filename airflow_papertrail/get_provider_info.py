@@ -117,7 +117,13 @@ def get_provider_info() -> dict[str, Any]:
         ],
         "hooks": [{"integration-name": "Papertrail-ai", "python-modules": ["airflow_papertrail.hooks.papertrail"]}],
         "operators": [
-            {"integration-name": "Papertrail-ai", "python-modules": ["airflow_papertrail.operators.papertrail"]}
+            {
+                "integration-name": "Papertrail-ai",
+                "python-modules": [
+                    "airflow_papertrail.operators.papertrail",
+                    "airflow_papertrail.operators.grant_health",
+                ],
+            }
         ],
         "sensors": [{"integration-name": "Papertrail-ai", "python-modules": ["airflow_papertrail.sensors.papertrail"]}],
         "triggers": [

@@ -14,6 +14,9 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 from airflow.sdk import BaseOperator
+from airflow.sdk.exceptions import AirflowFailException
+
+from airflow_papertrail.exceptions import ReauthorizationRequired
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
@@ -97,6 +100,22 @@ def _fail(message: str) -> Exception:
     from airflow.sdk.exceptions import AirflowFailException
 
     return AirflowFailException(message)
+
+
+class ReauthorizationFailure(ReauthorizationRequired, AirflowFailException):
+    """The distinct re-authorization error of the data operators, failed without retry
+    (retrying cannot revive a grant).
+
+    A :class:`~airflow_papertrail.exceptions.ReauthorizationRequired` that is also Airflow's
+    ``AirflowFailException``: an ``on_failure_callback`` tells a dead grant from any other
+    failure with ``isinstance(context["exception"], ReauthorizationRequired)`` and reads its
+    ``connect_url``; the message names the Connect page. Defined here, not in exceptions.py,
+    which imports nothing from Airflow.
+    """
+
+    @classmethod
+    def of(cls, exc: ReauthorizationRequired) -> ReauthorizationFailure:
+        return cls(str(exc.conn_id or ""), exc.description, error=exc.error, status=exc.status)
 
 
 class PapertrailQueryOperator(BaseOperator):
@@ -188,7 +207,7 @@ class PapertrailQueryOperator(BaseOperator):
     def execute(self, context: Context) -> Any:
         from airflow_papertrail.api.client import PapertrailApiError, TransientApiError, WriteOutcomeUnknown
         from airflow_papertrail.api.modules import validate
-        from airflow_papertrail.exceptions import PapertrailConfigurationError, ReauthorizationRequired
+        from airflow_papertrail.exceptions import PapertrailConfigurationError
         from airflow_papertrail.hooks.papertrail import PapertrailHook
 
         spec = None
@@ -220,7 +239,9 @@ class PapertrailQueryOperator(BaseOperator):
                 ignore_members=self.ignore_members,
                 parse_float=str,  # exact in XCom, which would store a Decimal as a float
             )
-        except (WriteOutcomeUnknown, PapertrailConfigurationError, ReauthorizationRequired) as exc:
+        except ReauthorizationRequired as exc:
+            raise ReauthorizationFailure.of(exc) from exc
+        except (WriteOutcomeUnknown, PapertrailConfigurationError) as exc:
             raise _fail(str(exc)) from exc
         except PapertrailApiError as exc:
             if exc.error == "response_too_large":
@@ -336,11 +357,7 @@ class PapertrailExtractOperator(BaseOperator):
         self.ignore_members = list(ignore_members)
 
     def execute(self, context: Context) -> dict[str, Any]:
-        from airflow_papertrail.exceptions import (
-            PapertrailApiError,
-            PapertrailConfigurationError,
-            ReauthorizationRequired,
-        )
+        from airflow_papertrail.exceptions import PapertrailApiError, PapertrailConfigurationError
         from airflow_papertrail.hooks.papertrail import PapertrailHook
 
         try:
@@ -365,7 +382,9 @@ class PapertrailExtractOperator(BaseOperator):
                 ignore_members=self.ignore_members,
                 lineage_context=hook,
             )
-        except (PapertrailConfigurationError, ReauthorizationRequired) as exc:
+        except ReauthorizationRequired as exc:
+            raise ReauthorizationFailure.of(exc) from exc
+        except PapertrailConfigurationError as exc:
             raise _fail(str(exc)) from exc
         except PapertrailApiError as exc:
             if _retry_useless(exc):
