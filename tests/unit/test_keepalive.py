@@ -420,3 +420,57 @@ def test_operator_is_cheap_and_declares_its_asset_alias(monkeypatch):
     assert grant_health._conn_ids("['a', 'b']") == ["a", "b"]
     assert grant_health._conn_ids("") is None and grant_health._conn_ids(None) is None
     assert grant_health.grant_asset("pt/x").uri == "papertrail://grants/pt%2Fx"
+
+
+def test_operator_emits_one_asset_event_per_change_and_none_when_it_fails(make_world, clock, monkeypatch):
+    """Airflow's own outlet-event accessor: an alias event per change; a failing run emits none
+    (Airflow sends outlet events only with a success), and the next successful one catches up."""
+    import functools
+
+    from airflow.sdk import AssetAlias
+    from airflow.sdk.execution_time.context import OutletEventAccessors
+
+    from airflow_papertrail import token_store
+    from airflow_papertrail.exceptions import GrantsNeedReauthorization
+    from airflow_papertrail.operators.grant_health import GRANT_ASSET_ALIAS, PapertrailGrantHealthOperator
+
+    world = make_world()
+    world.connect("pt_asset")
+    monkeypatch.setattr(
+        keepalive, "check_grants", functools.partial(check_grants, clock=clock, hook_factory=world.hook)
+    )
+    monkeypatch.setattr(token_store, "default_backend", lambda: world.backend)
+
+    def execute(**kwargs):
+        context = {"outlet_events": OutletEventAccessors()}
+        op = PapertrailGrantHealthOperator(task_id="h", conn_ids=["pt_asset"], **kwargs)
+        try:
+            result = op.execute(context)
+        finally:
+            events = context["outlet_events"][AssetAlias(name=GRANT_ASSET_ALIAS)].asset_alias_events
+        return result, events
+
+    _, events = execute(fail_on_attention=False)
+    assert events == []  # a grant that never needed attention announces nothing
+
+    world.emulator.revoke_grant(world.refresh_token("pt_asset"))
+    clock.advance(8)
+    with pytest.raises(GrantsNeedReauthorization) as err:
+        execute()
+    assert err.value.conn_ids == ["pt_asset"] and err.value.connect_url == connect_page_url()
+    assert "'pt_asset'" in str(err.value) and connect_page_url() in str(err.value)
+
+    result, events = execute(fail_on_attention=False)
+    (event,) = events
+    assert event.dest_asset_key.uri == "papertrail://grants/pt_asset"
+    assert event.extra["attention"] == DEAD and event.extra["state"] == REAUTHORIZATION_REQUIRED
+    assert event.extra["conn_id"] == "pt_asset" and event.extra["reason_code"] == "invalid_grant"
+    assert [c["attention"] for c in result["checks"]] == [DEAD]
+    json.dumps(result)  # XCom-serialisable
+
+    _, events = execute(fail_on_attention=False)
+    assert events == []  # announced already
+
+    world.connect("pt_asset")
+    _, events = execute(fail_on_attention=False)
+    assert [e.extra["attention"] for e in events] == [OK]  # back to ok: fix-up DAGs may run now
