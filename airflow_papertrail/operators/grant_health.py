@@ -66,7 +66,7 @@ class PapertrailGrantHealthOperator(BaseOperator):
     :param conn_ids: the ``papertrail`` connections to check; None or empty: all of them
         (needs the metadata DB; see ``keepalive.default_connection_ids``). A list, or a
         comma-separated text. (templated)
-    :param notifiers: callables taking a context dict, e.g. Airflow ``BaseNotifier``\\ s
+    :param notifiers: callables taking a context dict, e.g. Airflow ``BaseNotifier`` objects
         (Slack, SMTP, Apprise...).
     :param idle_refresh_after: refresh a grant not refreshed for this long (seconds or a
         timedelta; default 7 days, inside Sage's ~31, Xero's 60 and QuickBooks' 100 idle days).
@@ -75,7 +75,7 @@ class PapertrailGrantHealthOperator(BaseOperator):
     :param refresh_idle: refresh idle grants; False only checks and notifies.
     :param fail_on_attention: after notifying, fail the task if a grant needs
         re-authorization (or a connection could not be checked), so ordinary
-        ``on_failure_callback``\\ s fire too. The message names them and the Connect page.
+        ``on_failure_callback`` functions fire too. The message names them and the Connect page.
     :param emit_asset_events: emit an asset event per change of a grant's attention (back
         to ``ok`` included) through the asset alias :data:`GRANT_ASSET_ALIAS`, on the asset
         ``papertrail://grants/<conn_id>`` with extra ``{conn_id, state, attention,
