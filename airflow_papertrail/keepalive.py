@@ -28,8 +28,9 @@ from __future__ import annotations
 import copy
 import json
 import logging
+import os
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any
 
@@ -292,7 +293,7 @@ def _check_one(
     idle_refresh_after: float,
     warning_horizon: float,
     clock: Callable[[], float],
-) -> tuple[GrantCheck, GrantHealth | None]:
+) -> GrantCheck:
     url = connect_page_url(conn_id)
     now = clock()
     health = read_health(conn_id, backend=backend, clock=lambda: now)
@@ -324,7 +325,7 @@ def _check_one(
         attention, state = DEAD, REAUTHORIZATION_REQUIRED
         code = dead_error.error
         reason = f"{code}: {dead_error.description}" if dead_error.description else code
-    check = GrantCheck(
+    return GrantCheck(
         conn_id=conn_id,
         state=state,
         attention=attention,
@@ -337,7 +338,6 @@ def _check_one(
         grant=_grant_identity(health),
         failed=failed,
     )
-    return check, health
 
 
 # -- every connection ------------------------------------------------------------------------------
@@ -353,8 +353,6 @@ def default_connection_ids() -> list[str]:
     try:
         return papertrail_connection_ids()
     except Exception as exc:
-        import os
-
         found = sorted(
             name[len("AIRFLOW_CONN_") :].lower()
             for name, value in os.environ.items()
@@ -442,7 +440,7 @@ def check_grants(
     report = KeepAliveReport()
     for conn_id in ids:
         try:
-            check, _ = _check_one(
+            check = _check_one(
                 conn_id,
                 backend=backend,
                 hook_factory=hook_factory,
@@ -488,8 +486,6 @@ def _remember(
     now: float,
 ) -> GrantCheck:
     """Notify if the attention changed since the last notification, and remember it."""
-    from dataclasses import replace
-
     memory = _load_alert(backend, check.conn_id)
     notified_mark = memory.get("notified")
     previous = notified_mark.get("attention", OK) if isinstance(notified_mark, dict) else OK
