@@ -97,6 +97,12 @@ class PendingAuthorization:
     captured_at: float | None = None
     #: For ``redeemed``: the grant's summary (generation, expires_at, scope, message), no secret.
     result: dict[str, Any] | None = None
+    #: Who issued it: None for the authorize task, ``"connect"`` for the Connect page (whose
+    #: callback page then links back to it).
+    origin: str | None = None
+    #: The consent URL (no secret: state and PKCE challenge), so that the authorize task can
+    #: adopt an authorization the Connect page issued and hand out the same link.
+    consent_url: str | None = None
 
     def __repr__(self) -> str:
         return (
@@ -114,6 +120,7 @@ class PendingAuthorization:
         dag_id: str | None = None,
         run_id: str | None = None,
         task_id: str | None = None,
+        origin: str | None = None,
     ) -> PendingAuthorization:
         return cls(
             authorization_id=authorization_id_for(request.state),
@@ -129,6 +136,8 @@ class PendingAuthorization:
             dag_id=dag_id,
             run_id=run_id,
             task_id=task_id,
+            origin=origin,
+            consent_url=request.url,
         )
 
     def is_expired(self, now: float) -> bool:

@@ -4,6 +4,11 @@ Trigger it (optionally with ``conn_id``), open the consent link printed by the
 ``authorize`` task (also in its XCom), click Allow: the ``wait_for_consent`` task
 completes the exchange while deferred and ``report_grant`` shows the grant's expiry and
 scopes. Tokens are never printed.
+
+The Connect page (``/papertrail/connections``) triggers this DAG too: it issues the
+authorization itself, sends the browser to the consent page at once, and passes
+``authorization_id`` (which ``authorize`` then adopts instead of issuing a new one) and
+``notify`` (whether ``authorize`` calls its notifiers with the consent link).
 """
 
 from __future__ import annotations
@@ -22,11 +27,23 @@ from airflow_papertrail.sensors.papertrail import PapertrailAuthorizationSensor
     catchup=False,
     max_active_runs=1,
     tags=["papertrail"],
-    params={"conn_id": Param("papertrail_default", type="string", description="Papertrail-ai connection to authorize")},
+    params={
+        "conn_id": Param("papertrail_default", type="string", description="Papertrail-ai connection to authorize"),
+        "authorization_id": Param(
+            "", type="string", description="Set by the Connect page: the authorization it issued (leave empty)"
+        ),
+        "notify": Param(True, type="boolean", description="Send the consent link through the authorize notifiers"),
+    },
     doc_md=__doc__,
 )
 def papertrail_authorize():
-    authorize = PapertrailAuthorizeOperator(task_id="authorize", papertrail_conn_id="{{ params.conn_id }}")
+    authorize = PapertrailAuthorizeOperator(
+        task_id="authorize",
+        papertrail_conn_id="{{ params.conn_id }}",
+        authorization_id="{{ params.authorization_id }}",
+        notify="{{ params.notify }}",
+        # notifiers=[SlackNotifier(text="Approve Papertrail-ai access: {{ papertrail_consent_url }}")],
+    )
 
     wait = PapertrailAuthorizationSensor(
         task_id="wait_for_consent",

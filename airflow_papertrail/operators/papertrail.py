@@ -33,6 +33,12 @@ class PapertrailAuthorizeOperator(BaseOperator):
 
     Pass the ``authorization_id`` to :class:`PapertrailAuthorizationSensor`.
 
+    Given an ``authorization_id`` (the Connect page issues the authorization itself, so that
+    the browser reaches the consent page at once, and triggers this DAG to wait for it), the
+    task *adopts* that pending authorization instead of issuing a new one: only if it is for
+    this connection, still ``pending``, not expired, and was issued for this very DAG run;
+    anything else fails the task and issues nothing.
+
     :param papertrail_conn_id: the ``papertrail`` connection to authorize (templated).
     :param authorization_ttl: seconds the consent link stays valid (default 600).
     :param extra_authorize_params: extra query parameters for the consent URL (templated);
@@ -41,9 +47,13 @@ class PapertrailAuthorizeOperator(BaseOperator):
         the task context, in which ``papertrail_consent_url`` and
         ``papertrail_authorization_expires_at`` are available to their templates, e.g.
         ``SlackNotifier(text="Approve Papertrail-ai access: {{ papertrail_consent_url }}")``.
+    :param authorization_id: adopt this pending authorization (issued by the Connect page for
+        this run) instead of issuing one (templated; empty: issue one).
+    :param notify: whether to call ``notifiers`` (templated; ``"False"`` / ``"0"`` / empty turn
+        it off). The Connect page turns it off when the person who clicked consents at once.
     """
 
-    template_fields: Sequence[str] = ("papertrail_conn_id", "extra_authorize_params")
+    template_fields: Sequence[str] = ("papertrail_conn_id", "extra_authorize_params", "authorization_id", "notify")
     ui_color = "#e8f1ff"
 
     def __init__(
@@ -53,6 +63,8 @@ class PapertrailAuthorizeOperator(BaseOperator):
         authorization_ttl: float = DEFAULT_AUTHORIZATION_TTL,
         extra_authorize_params: Mapping[str, str] | None = None,
         notifiers: Sequence[Any] = (),
+        authorization_id: str | None = None,
+        notify: bool | str = True,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
@@ -62,39 +74,54 @@ class PapertrailAuthorizeOperator(BaseOperator):
         self.authorization_ttl = authorization_ttl
         self.extra_authorize_params = dict(extra_authorize_params or {})
         self.notifiers = list(notifiers)
+        self.authorization_id = authorization_id
+        self.notify = notify
 
     def execute(self, context: Context) -> dict[str, Any]:
         from airflow_papertrail.hooks.papertrail import PapertrailHook, mask
 
-        hook = PapertrailHook(self.papertrail_conn_id)
-        client = hook.oauth_client
-        client.config.validate(need_redirect_uri=True, conn_id=self.papertrail_conn_id)
-        request = client.authorization_request(ttl=self.authorization_ttl, extra_params=self.extra_authorize_params)
         ti = context.get("ti")
-        pending = PendingAuthorization.from_request(
-            request,
-            conn_id=self.papertrail_conn_id,
-            expected_issuer=client.config.issuer,
-            dag_id=getattr(ti, "dag_id", None),
-            run_id=getattr(ti, "run_id", None),
-            task_id=getattr(ti, "task_id", None),
-        )
-        AuthorizationStore(on_secret=mask).save(pending)
+        adopt = (self.authorization_id or "").strip()
+        if adopt and adopt != "None":  # "None": a template that rendered an unset param
+            pending = adopt_pending(
+                AuthorizationStore(on_secret=mask),
+                adopt,
+                conn_id=self.papertrail_conn_id,
+                dag_id=getattr(ti, "dag_id", None),
+                run_id=getattr(ti, "run_id", None),
+                now=time.time(),
+            )
+            consent_url = str(pending.consent_url)
+        else:
+            hook = PapertrailHook(self.papertrail_conn_id)
+            client = hook.oauth_client
+            client.config.validate(need_redirect_uri=True, conn_id=self.papertrail_conn_id)
+            request = client.authorization_request(ttl=self.authorization_ttl, extra_params=self.extra_authorize_params)
+            pending = PendingAuthorization.from_request(
+                request,
+                conn_id=self.papertrail_conn_id,
+                expected_issuer=client.config.issuer,
+                dag_id=getattr(ti, "dag_id", None),
+                run_id=getattr(ti, "run_id", None),
+                task_id=getattr(ti, "task_id", None),
+            )
+            AuthorizationStore(on_secret=mask).save(pending)
+            consent_url = request.url
         self._warn_without_triggerer()
         expires = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(pending.expires_at))
         self.log.info(
             "Open this link and approve access for connection %r (valid until %s):\n\n    %s\n",
             self.papertrail_conn_id,
             expires,
-            request.url,
+            consent_url,
         )
-        if self.notifiers:
+        if self.notifiers and _truthy(self.notify):
             notify_context = dict(context)
-            notify_context.update(papertrail_consent_url=request.url, papertrail_authorization_expires_at=expires)
+            notify_context.update(papertrail_consent_url=consent_url, papertrail_authorization_expires_at=expires)
             for notifier in self.notifiers:
                 notifier(notify_context)
         return {
-            "consent_url": request.url,
+            "consent_url": consent_url,
             "authorization_id": pending.authorization_id,
             "conn_id": self.papertrail_conn_id,
             "expires_at": pending.expires_at,
@@ -129,6 +156,53 @@ class PapertrailAuthorizeOperator(BaseOperator):
                 "notices the consent: start one, or pass deferrable=False to the sensor.",
                 status or "none",
             )
+
+
+def _truthy(value: bool | str | None) -> bool:
+    if isinstance(value, str):
+        return value.strip().lower() not in {"", "0", "false", "no", "off", "none"}
+    return bool(value)
+
+
+def adopt_pending(
+    store: AuthorizationStore,
+    authorization_id: str,
+    *,
+    conn_id: str,
+    dag_id: str | None,
+    run_id: str | None,
+    now: float,
+) -> PendingAuthorization:
+    """The pending authorization the Connect page issued for this run; PapertrailError otherwise.
+
+    Nothing is issued or changed here: a wrong id fails the task, so the run never hands out
+    (or waits for) an authorization that belongs to another run or connection.
+    """
+    from airflow_papertrail.authorization import CAPTURED, ERROR, PENDING
+    from airflow_papertrail.exceptions import PapertrailError
+
+    short = authorization_id[:12]
+    pending = store.load(authorization_id)
+    retry = "Start a new authorization from the Connect page (or trigger papertrail_authorize without one)."
+    if pending is None:
+        raise PapertrailError(
+            f"pending authorization {short} does not exist (expired and deleted, or never issued). {retry}"
+        )
+    if pending.conn_id != conn_id:
+        raise PapertrailError(
+            f"pending authorization {short} was issued for connection {pending.conn_id!r}, not {conn_id!r}. {retry}"
+        )
+    if pending.dag_id != dag_id or pending.run_id != run_id:
+        raise PapertrailError(
+            f"pending authorization {short} was not issued for this DAG run ({dag_id}/{run_id}). {retry}"
+        )
+    # The person may have consented already (the Connect page sends the browser to the
+    # consent page before this task starts): a captured code or error is the sensor's to handle.
+    if pending.status not in (PENDING, CAPTURED, ERROR):
+        raise PapertrailError(f"pending authorization {short} was already used (it is {pending.status}). {retry}")
+    if not pending.consent_url or (pending.status == PENDING and pending.is_expired(now)):
+        raise PapertrailError(f"pending authorization {short} has expired. {retry}")
+    return pending
 
 
 # The data operators live in their own module (no HTTP imports at DAG-parse time) and are

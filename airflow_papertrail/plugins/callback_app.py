@@ -30,6 +30,9 @@ from airflow_papertrail.authorization import (
     pending_variable_key,
 )
 from airflow_papertrail.exceptions import EncryptionKeyMissing, PapertrailError, TokenKeyMismatch
+from airflow_papertrail.links import connect_page_url
+from airflow_papertrail.plugins.connect import ConnectServices, connect_router
+from airflow_papertrail.plugins.connect_start import ORIGIN_CONNECT
 from airflow_papertrail.plugins.locking import EntryAccess, OrmEntryAccess
 from airflow_papertrail.plugins.pages import SECURITY_HEADERS, render
 
@@ -112,6 +115,36 @@ def handle_callback(
     clock: Callable[[], float] = time.time,
 ) -> tuple[int, str, str, bool]:
     """Process one callback. Returns (HTTP status, title, message, ok); never raises."""
+    status, title, message, ok, _ = handle_callback_page(query, entries=entries, store=store, clock=clock)
+    return status, title, message, ok
+
+
+def handle_callback_page(
+    query: bytes,
+    *,
+    entries: EntryAccess,
+    store: AuthorizationStore,
+    clock: Callable[[], float] = time.time,
+) -> tuple[int, str, str, bool, str | None]:
+    """:func:`handle_callback` plus the Connect page link to offer (None: none).
+
+    The link is offered only for an entry the state proved genuine and that the Connect page
+    issued: it is a plain link to the page (configured, carries nothing of the callback),
+    never an automatic redirect.
+    """
+    back: list[str] = []
+    status, title, message, ok = _handle(query, entries=entries, store=store, clock=clock, back=back)
+    return status, title, message, ok, (back[0] if back else None)
+
+
+def _handle(
+    query: bytes,
+    *,
+    entries: EntryAccess,
+    store: AuthorizationStore,
+    clock: Callable[[], float],
+    back: list[str],
+) -> tuple[int, str, str, bool]:
     try:
         params = _parse(query)
         state, authorization_id = _resolve(params)
@@ -131,6 +164,8 @@ def handle_callback(
                     "This link does not belong to a pending authorization. Nothing was recorded; "
                     "if you are connecting an organisation, start a new authorization from Airflow.",
                 )
+            if pending.origin == ORIGIN_CONNECT:
+                back.append(connect_page_url(pending.conn_id))
             if pending.status != PENDING:
                 raise CallbackError(
                     409,
@@ -229,8 +264,17 @@ def handle_callback(
         )
 
 
-def create_app(*, entries: EntryAccess | None = None, store: AuthorizationStore | None = None) -> FastAPI:
-    """The FastAPI sub-application; nothing touches the DB or config until a request arrives."""
+def create_app(
+    *,
+    entries: EntryAccess | None = None,
+    store: AuthorizationStore | None = None,
+    connect_services: ConnectServices | None = None,
+) -> FastAPI:
+    """The FastAPI sub-application; nothing touches the DB or config until a request arrives.
+
+    Routes: the OAuth callback, the refresh coordinator (``/token``) and the Connect page
+    (:mod:`airflow_papertrail.plugins.connect`).
+    """
     # redirect_slashes=False: Starlette would answer /callback/?code=... with a redirect whose
     # Location (and access-log line) carries the code, before any route could scrub it.
     app = FastAPI(
@@ -254,8 +298,9 @@ def create_app(*, entries: EntryAccess | None = None, store: AuthorizationStore 
         query = request.scope.get("query_string", b"")
         request.scope["query_string"] = REDACTED_QUERY if query else b""
         entry_access, auth_store = deps()
-        status, title, message, ok = handle_callback(query, entries=entry_access, store=auth_store)
-        return HTMLResponse(render(title, message, ok=ok), status_code=status, headers=SECURITY_HEADERS)
+        status, title, message, ok, back = handle_callback_page(query, entries=entry_access, store=auth_store)
+        link = (back, "Back to Papertrail-ai connections") if back else None
+        return HTMLResponse(render(title, message, ok=ok, link=link), status_code=status, headers=SECURITY_HEADERS)
 
     @router.post("/token", include_in_schema=False)
     async def token(request: Request) -> JSONResponse:
@@ -315,6 +360,7 @@ def create_app(*, entries: EntryAccess | None = None, store: AuthorizationStore 
         )
 
     app.include_router(router)
+    app.include_router(connect_router(connect_services))
     return app
 
 

@@ -26,14 +26,21 @@ SECURITY_HEADERS = {
 }
 
 
-def render(title: str, message: str, *, ok: bool) -> str:
-    """A complete page; every dynamic value is escaped."""
+def render(title: str, message: str, *, ok: bool, link: tuple[str, str] | None = None) -> str:
+    """A complete page; every dynamic value is escaped. ``link``: (href, text) of a plain
+    link to offer (http(s) or a path only)."""
     cls = "ok" if ok else "bad"
+    link_html = ""
+    if link and (
+        link[0].startswith(("https://", "http://")) or (link[0].startswith("/") and not link[0].startswith("//"))
+    ):
+        link_html = f'<p><a id=back href="{html.escape(link[0])}">{html.escape(link[1])}</a></p>'
+
     return (
         "<!doctype html><html lang=en><head><meta charset=utf-8>"
         '<meta name=viewport content="width=device-width,initial-scale=1">'
         "<meta name=referrer content=no-referrer>"
         f"<title>{html.escape(title)}</title><style>{_STYLE}</style></head>"
-        f"<body><h1 class={cls} id=title>{html.escape(title)}</h1><p id=message>{html.escape(message)}</p>"
+        f"<body><h1 class={cls} id=title>{html.escape(title)}</h1><p id=message>{html.escape(message)}</p>{link_html}"
         "<p>Papertrail-ai for Apache Airflow</p></body></html>"
     )

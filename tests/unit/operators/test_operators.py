@@ -17,7 +17,12 @@ def test_constructors_do_no_io(monkeypatch):
     sensor = PapertrailAuthorizationSensor(task_id="wait", authorization_id="{{ x }}", papertrail_conn_id="nope")
     assert op.papertrail_conn_id == "nope"
     assert sensor.deferrable is True  # a wait on a person defers by default
-    assert set(PapertrailAuthorizeOperator.template_fields) == {"papertrail_conn_id", "extra_authorize_params"}
+    assert set(PapertrailAuthorizeOperator.template_fields) == {
+        "papertrail_conn_id",
+        "extra_authorize_params",
+        "authorization_id",
+        "notify",
+    }
     assert set(PapertrailAuthorizationSensor.template_fields) == {"papertrail_conn_id", "authorization_id"}
 
 
