@@ -1,0 +1,199 @@
+"""One refresh per expired grant across Celery workers that share nothing (issue 11, first proof).
+
+The topology (``topology.py``): PostgreSQL, Redis, 2 api-servers behind nginx, scheduler,
+dag-processor, triggerer, 3 Celery workers each in its own mount and UTS namespace (private
+``/tmp``). 4 connections, one client organisation each, every access token already expired;
+16 mapped tasks per connection all want a token at once. The emulator rotates refresh tokens and
+revokes a grant whose rotated refresh token is presented again.
+
+The negative control runs the same DAG with ``refresh_coordinator = local`` inside the tasks (the
+per-machine ``flock`` in ``/tmp``): across these workers it does not serialize, and the emulator
+sees a refresh token presented twice. That is what proves the topology really separates the
+workers, and that the api-server coordinator is what carries the guarantee.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+from cryptography.fernet import Fernet
+
+from airflow_papertrail.oauth import OAuthClient, OAuthClientConfig
+from airflow_papertrail.testing.emulator import EmulatorClient, PapertrailEmulator
+from tests.conftest import remember_secrets
+from tests.scaleout.conftest import SCALEOUT_DIR, TIMINGS
+from tests.scaleout.topology import ScaleoutTopology, topology_config
+
+DAG_ID = "papertrail_scaleout"
+TASK_ID = "use_token"
+CONNECTIONS = [f"papertrail_scaleout_{n}" for n in range(4)]  # as in dags/papertrail_scaleout.py
+TASKS_PER_CONNECTION = 16
+REDIRECT_URI = "http://127.0.0.1:9/papertrail/callback"
+KEY = Fernet.generate_key().decode()
+CLIENTS = {conn_id: (f"org-{n}-client", f"org-{n}-secret-" + "Q7x" * 8) for n, conn_id in enumerate(CONNECTIONS)}
+remember_secrets(KEY, *(secret for _, secret in CLIENTS.values()))
+
+READ_GRANTS = """
+import json
+from airflow_papertrail.token_store import OrmVariables, VariableTokenStore
+out = {}
+for conn_id in json.loads(input()):
+    grant = VariableTokenStore(conn_id, backend=OrmVariables()).load()
+    out[conn_id] = None if grant is None else {
+        "generation": grant.generation, "refresh_token": grant.token.refresh_token,
+        "unknown_refresh_outcomes": grant.unknown_refresh_outcomes,
+    }
+print(json.dumps(out))
+"""
+
+
+@pytest.fixture(scope="module")
+def emulator():
+    emu = PapertrailEmulator(
+        clients=[EmulatorClient(cid, secret, [REDIRECT_URI]) for cid, secret in CLIENTS.values()],
+        rotate_refresh_tokens=True,
+        revoke_on_refresh_reuse=True,
+    ).start()
+    try:
+        yield emu
+    finally:
+        emu.stop()
+        remember_secrets(*emu.issued_secrets)
+
+
+@pytest.fixture(scope="module")
+def topology(emulator):
+    topo = ScaleoutTopology(SCALEOUT_DIR / "dags", encryption_key=KEY)
+    try:
+        topo.start()
+        TIMINGS["topology start (s)"] = round(topo.timings["start_s"], 1)
+        TIMINGS["topology start phases (s, cumulative)"] = topology_config(topo)["timings"]
+        for conn_id, (client_id, secret) in CLIENTS.items():
+            topo.create_papertrail_connection(
+                conn_id,
+                client_id=client_id,
+                client_secret=secret,
+                host=emulator.base_url,
+                redirect_uri=REDIRECT_URI,
+                system="xero",
+            )
+        topo.wait_for_dag(DAG_ID, timeout=180)
+        topo.unpause(DAG_ID)
+        yield topo
+    finally:
+        topo.stop()
+        TIMINGS["topology stop (s)"] = round(topo.timings.get("stop_s", -1), 1)
+
+
+def _store_expired_grants(topo: ScaleoutTopology, emulator: PapertrailEmulator) -> dict[str, dict]:
+    """A fresh grant per connection (real code exchange), stored with its access token expired."""
+    items, seeded = [], {}
+    for conn_id, (client_id, secret) in CLIENTS.items():
+        config = OAuthClientConfig(
+            client_id=client_id,
+            client_secret=secret,
+            redirect_uri=REDIRECT_URI,
+            system="xero",
+            base_url=emulator.base_url,
+        )
+        token = OAuthClient(config).exchange_code(
+            emulator.issue_code(client_id=client_id, redirect_uri=REDIRECT_URI, system="xero")
+        )
+        items.append(
+            {
+                "conn_id": conn_id,
+                "token": token.with_expiry(time.time() - 60).to_dict(),
+                "issued_for": config.binding(),
+            }
+        )
+        seeded[conn_id] = {"refresh_token": token.refresh_token}
+    emulator.expire_access_tokens()  # the server agrees: every access token is dead
+    out = topo.python("-m", "tests.scaleout.seed_grants", stdin=json.dumps(items)).stdout
+    generations = json.loads(out.strip().splitlines()[-1])  # Airflow logs to stdout before it
+    for conn_id, generation in generations.items():
+        seeded[conn_id]["generation"] = generation
+    return seeded
+
+
+def _stored_grants(topo: ScaleoutTopology) -> dict[str, dict]:
+    out = topo.python("-c", READ_GRANTS, stdin=json.dumps(CONNECTIONS) + "\n").stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def test_64_tasks_on_3_workers_one_refresh_per_grant(topology, emulator):
+    topo = topology
+    seeded = _store_expired_grants(topo, emulator)
+    before = emulator.stats.snapshot()
+    started = time.monotonic()
+    run_id = topo.trigger(DAG_ID)
+    state = topo.wait_for_run(DAG_ID, run_id, timeout=900)
+    TIMINGS["64 tasks, 4 expired grants: run (s)"] = round(time.monotonic() - started, 1)
+    tis = topo.task_instances(DAG_ID, run_id)
+    failed = {f"{ti['map_index']}": (ti["state"], ti.get("hostname")) for ti in tis if ti["state"] != "success"}
+    assert state == "success", (failed, topology_config(topo), topo.log_tail(names=["scheduler", *topo.worker_names]))
+    assert len(tis) == len(CONNECTIONS) * TASKS_PER_CONNECTION and not failed
+
+    # Exactly one refresh per grant: 4 refreshes in all, and every grant moved one generation on.
+    after = emulator.stats.snapshot()
+    delta = {k: after[k] - before.get(k, 0) for k in after}
+    assert delta["refresh_grants"] == len(CONNECTIONS), delta
+    assert delta["grants_revoked"] == 0 and delta["invalid_grant_errors"] == 0, delta
+    stored = _stored_grants(topo)
+    for conn_id in CONNECTIONS:
+        assert stored[conn_id]["generation"] == seeded[conn_id]["generation"] + 1, (conn_id, stored[conn_id])
+        assert stored[conn_id]["unknown_refresh_outcomes"] == 0
+        assert stored[conn_id]["refresh_token"] != seeded[conn_id]["refresh_token"]
+        assert emulator.grant_is_active(stored[conn_id]["refresh_token"]), conn_id  # not revoked
+
+    # The tasks really ran on several "hosts", each with a /tmp of its own.
+    hostnames = {ti.get("hostname") for ti in tis}
+    assert hostnames <= set(topo.worker_names), hostnames
+    assert len(hostnames) >= 2, hostnames
+    results = [topo.xcom(DAG_ID, run_id, TASK_ID, map_index=ti["map_index"]) for ti in tis]
+    by_host: dict[str, int] = {}
+    for ti, result in zip(tis, results):
+        assert result["hostname"] == ti["hostname"], (ti, result)
+        assert result["generation"] == seeded[result["conn_id"]]["generation"] + 1, result
+        by_host[result["hostname"]] = by_host.get(result["hostname"], 0) + 1
+        # every marker this task saw in /tmp was left by a task on its own worker
+        assert set(result["tmp_markers"].values()) == {result["hostname"]}, result
+    TIMINGS["tasks per worker"] = dict(sorted(by_host.items()))
+
+    # Serialized by the api-server coordinator through the proxy, which spread the load.
+    logs = topo.all_logs()
+    assert "refreshing on this machine" not in logs
+    assert topo.upstreams_used("/papertrail/token"), "no coordinator request went through the proxy"
+    execution = topo.upstreams_used("/execution/")
+    assert len(execution) == topo.api_server_count, execution
+    TIMINGS["coordinator requests per replica"] = topo.upstreams_used("/papertrail/token")
+    leaked = [s[:6] for s in emulator.issued_secrets if s in logs]
+    assert not leaked, leaked
+
+
+def test_the_per_machine_fallback_does_not_serialize_across_workers(topology, emulator):
+    """Negative control: with the per-machine ``flock`` in ``/tmp`` instead of the coordinator,
+    workers on different hosts present the same refresh token: the topology shows it."""
+    topo = topology
+    _store_expired_grants(topo, emulator)
+    before = emulator.stats.snapshot()
+    # A slow token endpoint keeps the first refresh of each grant in flight while tasks of the same
+    # connection start on the other workers (the race a shared /tmp lock would have hidden).
+    emulator.inject("token", delay=3.0, times=len(CONNECTIONS) * topo.worker_count)
+    started = time.monotonic()
+    run_id = topo.trigger(DAG_ID, conf={"coordinator": "local"})
+    topo.wait_for_run(DAG_ID, run_id, timeout=900)
+    TIMINGS["negative control run (s)"] = round(time.monotonic() - started, 1)
+    emulator.clear_faults()
+    after = emulator.stats.snapshot()
+    delta = {k: after[k] - before.get(k, 0) for k in after}
+    hostnames = {ti.get("hostname") for ti in topo.task_instances(DAG_ID, run_id)}
+    assert len(hostnames) >= 2, hostnames
+    # A refresh token presented twice: either the reuse revoked the grant, or (no rotation seen
+    # yet) more refreshes than grants. With one shared lock neither could happen.
+    assert delta["grants_revoked"] >= 1 or delta["refresh_grants"] > len(CONNECTIONS), delta
+    TIMINGS["negative control: emulator"] = {
+        k: delta[k] for k in ("refresh_grants", "grants_revoked", "invalid_grant_errors")
+    }
+    assert "refreshing on this machine" in topo.all_logs()
