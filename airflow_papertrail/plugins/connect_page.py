@@ -1,7 +1,8 @@
 """The Connect page's HTML: server-rendered, every value escaped, one hashed style and script.
 
 Shown inside Airflow's UI (an iframe of the same origin, so ``frame-ancestors 'self'``) and
-on its own. Forms submit with ``target="_top"``: consent pages refuse to be framed.
+on its own. Forms submit with ``target="_top"`` (consent pages refuse to be framed); in the
+UI's sandboxed frame the script submits them from the top document (see ``_SCRIPT``).
 """
 
 from __future__ import annotations
@@ -27,16 +28,27 @@ _STYLE = (
     "th,td{border-bottom:1px solid #d0d7de;padding:.45rem .6rem;text-align:left;vertical-align:top;font-size:.9rem}"
     "th{background:#f6f8fa}.state{font-weight:600;font-family:ui-monospace,monospace}"
     ".s-valid{color:#1a7f37}.s-reauthorization_required,.s-refresh_failing,.s-outcome_unknown{color:#b42318}"
-    ".s-not_connected,.s-not_recorded{color:#6e7781}form{display:inline;margin:0 .3rem .3rem 0}"
+    ".s-not_connected,.s-not_recorded{color:#6e7781}form{display:inline;margin:0 .3rem .3rem 0}td.actions,td.when{white-space:nowrap}"
     "button{padding:.3rem .7rem;font-size:.9rem;cursor:pointer}.muted{color:#6e7781}"
     ".flash{padding:.6rem .8rem;border-radius:.3rem;margin:0 0 1rem}.flash.bad{background:#fde7e9}"
     ".flash.ok{background:#e6f4ea}input.link{width:100%;font-family:ui-monospace,monospace;font-size:.85rem}"
     "code{font-size:.85rem}"
 )
 
-#: Polls the status route and reloads when a row changed (no framework, no external code).
+#: 1. Polls the status route and reloads when a row changed (no framework, no external code).
+#: 2. Inside Airflow's UI the page is in an iframe sandboxed without allow-top-navigation, so
+#:    a ``target=_top`` form cannot leave it (and consent pages refuse to be framed): the
+#:    same form is then submitted from the (same-origin) top document instead, which may
+#:    navigate itself. Origin, cookie and CSRF token are those of the original form.
 _SCRIPT = (
-    "(function(){var t=document.getElementById('connections');if(!t)return;"
+    "(function(){document.querySelectorAll('form[data-top]').forEach(function(f){"
+    "f.addEventListener('submit',function(ev){if(window.top===window)return;var d;"
+    "try{d=window.top.document;d.body}catch(x){return}ev.preventDefault();"
+    "var g=d.createElement('form');g.method='post';g.action=f.action;g.style.display='none';"
+    "var data=new FormData(f);if(ev.submitter&&ev.submitter.name)data.append(ev.submitter.name,ev.submitter.value);"
+    "data.forEach(function(v,k){var i=d.createElement('input');i.type='hidden';i.name=k;i.value=v;g.appendChild(i)});"
+    "d.body.appendChild(g);g.submit()})});"
+    "var t=document.getElementById('connections');if(!t)return;"
     "var url=t.getAttribute('data-status-url'),start=Date.now();"
     "function seen(){var m={};t.querySelectorAll('tr[data-version]').forEach(function(r){"
     "m[r.getAttribute('data-conn-id')]=r.getAttribute('data-version')});return m}"
@@ -89,6 +101,7 @@ def version(health: GrantHealth) -> str:
 
 
 def _when(epoch: float | None, now: float) -> str:
+    """HTML: the UTC time, and below it how long ago / from now."""
     if epoch is None:
         return "—"
     stamp = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(epoch))
@@ -97,7 +110,7 @@ def _when(epoch: float | None, now: float) -> str:
         rel = f"{abs(delta) / 3600:.1f} h" if abs(delta) >= 3600 else f"{abs(delta) / 60:.0f} min"
     else:
         rel = f"{abs(delta) / 86400:.0f} d"
-    return f"{stamp} ({'in ' + rel if delta >= 0 else rel + ' ago'})"
+    return f"{html.escape(stamp)}<br><span class=muted>{'in ' + rel if delta >= 0 else rel + ' ago'}</span>"
 
 
 def row_anchor(conn_id: str) -> str:
@@ -121,10 +134,10 @@ def _row(row: Row, *, root_path: str, now: float) -> str:
         token = e(row.csrf_token)
         action = e(action_path(root_path, row.conn_id))
         actions = (
-            f'<form method=post action="{action}" target=_top>'
+            f'<form method=post action="{action}" target=_top data-top>'
             f'<input type=hidden name=csrf_token value="{token}">'
             f"<button type=submit name=mode value={MODE_CONNECT} class=connect>{label}</button></form>"
-            f'<form method=post action="{action}" target=_top>'
+            f'<form method=post action="{action}" target=_top data-top>'
             f'<input type=hidden name=csrf_token value="{token}">'
             f"<button type=submit name=mode value={MODE_LINK} class=get-link>Get a link to send</button></form>"
         )
@@ -135,10 +148,10 @@ def _row(row: Row, *, root_path: str, now: float) -> str:
         f'<tr id="{e(row_anchor(row.conn_id))}" data-conn-id="{e(row.conn_id)}" data-version="{e(version(h))}">'
         f"<td><code class=conn-id>{e(row.conn_id)}</code>{description}</td>"
         f"<td><span class='state s-{e(h.state)}'>{e(h.state)}</span></td>"
-        f"<td>{e(_when(h.access_expires_at, now))}</td>"
-        f"<td>{e(_when(h.refresh_expires_at, now)) if h.refresh_expires_at else ('unknown' if h.has_refresh_token else '—')}</td>"
-        f"<td>{e(_when(h.last_refresh_at, now))}</td>"
-        f"<td>{e(_when(h.last_used_at, now))}</td>"
+        f"<td class=when>{_when(h.access_expires_at, now)}</td>"
+        f"<td class=when>{_when(h.refresh_expires_at, now) if h.refresh_expires_at else ('unknown' if h.has_refresh_token else '—')}</td>"
+        f"<td class=when>{_when(h.last_refresh_at, now)}</td>"
+        f"<td class=when>{_when(h.last_used_at, now)}</td>"
         f"<td class=last-error>{error}</td>"
         f"<td>{e(' '.join(h.scopes)) or '—'}</td>"
         f"<td class=actions>{actions}</td></tr>"
