@@ -294,3 +294,35 @@ def test_connect_revoke_reconnect_in_a_browser(cs, emulator, browser):
     finally:
         b.close()
     _no_secrets(cs.stack.all_logs(), emulator)
+
+
+def test_get_a_link_to_send(cs, tokens):
+    """The link is shown, not followed; the run adopts it with notify on (its notifiers send it)."""
+    known = {r["dag_run_id"] for r in _authorize_runs(cs)}
+    page = requests.get(_url(cs), cookies={"_token": tokens["admin"]}, headers={"Accept": "text/html"}, timeout=30)
+    row = re.search(rf'<tr id="conn-{OTHER_CONN_ID}".*?</tr>', page.text, re.S).group(0)
+    token = re.search(r'name=csrf_token value="([0-9a-f]{64})"', row).group(1)
+    response = requests.post(
+        _action(cs, OTHER_CONN_ID),
+        data={"csrf_token": token, "mode": "link"},
+        cookies={"_token": tokens["admin"]},
+        headers={"Origin": cs.stack.base_url},
+        allow_redirects=False,
+        timeout=30,
+    )
+    assert response.status_code == 200, response.text[:500]
+    link = re.search(r'id=consent-link readonly value="([^"]+)"', response.text).group(1).replace("&amp;", "&")
+    assert link.startswith(cs.emulator.authorize_url) and CLIENT_SECRET not in link
+    run = _one_authorize_run_after(cs, known)
+    assert run["conf"]["conn_id"] == OTHER_CONN_ID and run["conf"]["notify"] is True
+    run_id = run["dag_run_id"]
+    try:
+        cs.stack.wait_for_task_state(AUTHORIZE_DAG, run_id, "authorize", {"success"}, timeout=120)
+        assert cs.stack.xcom(AUTHORIZE_DAG, run_id, "authorize")["consent_url"] == link
+        state = parse_qs(urlsplit(link).query)["state"][0]
+        raw = cs.stack.variable(pending_variable_key(authorization_id_for(state)))
+        remember_secrets(TokenCipher([cs.key]).open(PENDING_KIND, authorization_id_for(state), raw)["code_verifier"])
+    finally:  # nobody will consent: end the run so it does not hold the DAG's only run slot
+        cs.stack.request(
+            "PATCH", f"/api/v2/dags/{AUTHORIZE_DAG}/dagRuns/{run_id}", json={"state": "failed"}, expected=(200,)
+        )
