@@ -34,6 +34,7 @@ Sized for a 2-core machine: one uvicorn worker per api-server, 2 task slots per 
 from __future__ import annotations
 
 import atexit
+import concurrent.futures
 import contextlib
 import json
 import os
@@ -377,9 +378,15 @@ class ScaleoutTopology(AirflowApi):
 
         for n, port in enumerate(self.api_ports, start=1):
             self._wait_http(f"http://127.0.0.1:{port}/api/v2/monitor/health", f"api-server-{n}", started)
-        # The Execution API sub-app builds itself on its first request (~4 s per replica): pay it here.
-        for port in self.api_ports:
-            self._wait_http(f"http://127.0.0.1:{port}/execution/health", "api-server", started)
+        # The Execution API sub-app builds itself on its first request (4 s idle, 20 s on a loaded
+        # 2-core machine): pay it here, on every replica at once.
+        with concurrent.futures.ThreadPoolExecutor(len(self.api_ports)) as pool:
+            warm = [
+                pool.submit(self._wait_http, f"http://127.0.0.1:{port}/execution/health", "api-server", started)
+                for port in self.api_ports
+            ]
+            for future in warm:
+                future.result()
         self._wait_http(f"{self.base_url}/api/v2/monitor/health", "nginx", started)
         wait_until(
             self._healthy_or_crashed,
@@ -566,12 +573,24 @@ http {{
         started = time.monotonic()
         survivors: list[int] = []
         try:
+            # Workers and the scheduler first, while the broker, the result backend and the
+            # api-servers they report to still answer (a Celery worker whose broker is gone
+            # retries its connection through its warm shutdown); then everything else.
+            first = [p for n, p in self.procs.items() if n in {*self.worker_names, "scheduler", "triggerer"}]
+            for proc in first:
+                with contextlib.suppress(ProcessLookupError):
+                    proc.send_signal(signal.SIGTERM)
+            with contextlib.suppress(WaitTimeout):
+                wait_until(lambda: all(p.poll() is not None for p in first), timeout / 2, interval=0.2)
+            self.timings["stop_workers_s"] = time.monotonic() - started
+            self._note_survivors("after the workers and the scheduler stopped")
             if self.pgid is not None:
                 with contextlib.suppress(ProcessLookupError):
                     os.killpg(self.pgid, signal.SIGTERM)
                 try:
                     wait_until(lambda: not self.pids(), timeout, interval=0.2)
                 except WaitTimeout:
+                    self._note_survivors(f"still running {timeout} s after SIGTERM; SIGKILL")
                     for pid in self.pids():
                         with contextlib.suppress(ProcessLookupError):
                             os.kill(pid, signal.SIGKILL)
@@ -583,6 +602,7 @@ http {{
             for proc in self.procs.values():
                 with contextlib.suppress(subprocess.TimeoutExpired):
                     proc.wait(timeout=5)
+            self.timings["stop_processes_s"] = time.monotonic() - started
         finally:
             for handle in self._files:
                 handle.close()
@@ -594,6 +614,18 @@ http {{
                 shutil.rmtree(self.root, ignore_errors=True)
         if survivors:
             raise HarnessError(f"processes of the topology survived SIGKILL: {survivors} (kept {self.root})")
+
+    def _note_survivors(self, when: str) -> None:
+        """Write which processes are still alive (pid and command line) to ``logs/stop.log``."""
+        lines = []
+        for pid in self.pids():
+            with contextlib.suppress(OSError):
+                cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+                lines.append(f"  {pid} {cmd[:160]}")
+        with (self.log_dir / "stop.log").open("a") as log:
+            log.write(
+                f"{time.strftime('%H:%M:%S')} {when}: {len(lines)} processes\n" + "".join(f"{x}\n" for x in lines)
+            )
 
     def __enter__(self) -> ScaleoutTopology:
         return self.start()
