@@ -111,6 +111,36 @@ def _under(path: Path, parents: Iterable[Path | str]) -> bool:
     return any(path == Path(p) or path.is_relative_to(p) for p in parents)
 
 
+def private_host_argv(
+    name: str, *, home: Path, root: Path, hosts: Path, command: list[str], code: Iterable[Path] = ()
+) -> list[str]:
+    """``argv`` that runs ``command`` as if on a host of its own named ``name``.
+
+    ``unshare --mount --uts --propagation private`` (nothing mounted inside reaches the real
+    machine), then: the host name; ``hosts`` bound on ``/etc/hosts`` (so the name resolves
+    without DNS); empty tmpfs mounts on :data:`PRIVATE_DIRS` and on ``root`` (the topology's
+    directory: every other worker's home, the control host's files); ``home`` bound back at its
+    own path. The repo, this venv and ``code`` stay visible (shared read-only code, as in an
+    image), re-bound if they live under a hidden directory (a CI clone in /tmp)."""
+    hidden = [*PRIVATE_DIRS, str(root)]
+    keep = [home]
+    for path in (REPO, Path(sys.prefix).resolve(), Path(sys.base_prefix).resolve(), *code):
+        if _under(path, hidden) and not any(_under(path, [k]) for k in keep):
+            keep.append(path)
+    script = ["set -eu", "mount -t tmpfs -o size=1m,mode=0700 tmpfs /mnt"]
+    for i, path in enumerate(keep):
+        script += [f"mkdir /mnt/k{i}", f"mount --bind {shlex.quote(str(path))} /mnt/k{i}"]
+    script.append(f"mount --bind {shlex.quote(str(hosts))} /etc/hosts")
+    for folder in PRIVATE_DIRS:
+        script.append(f"mount -t tmpfs -o mode=1777,size=512m tmpfs {folder}")
+    quoted_root = shlex.quote(str(root))
+    script += [f"mkdir -p {quoted_root}", f"mount -t tmpfs -o mode=0755,size=1m tmpfs {quoted_root}"]
+    for i, path in enumerate(keep):
+        script += [f"mkdir -p {shlex.quote(str(path))}", f"mount --move /mnt/k{i} {shlex.quote(str(path))}"]
+    script += ["umount /mnt", f"hostname {shlex.quote(name)}", "exec " + shlex.join(command)]
+    return [UNSHARE, "--mount", "--uts", "--propagation", "private", "--", "sh", "-c", "\n".join(script)]
+
+
 class ScaleoutTopology(AirflowApi):
     """The whole topology; ``with ScaleoutTopology(dags) as topo:`` starts and stops it.
 
@@ -515,24 +545,6 @@ http {{
         hosts = home / "hosts"
         hosts.write_text(Path("/etc/hosts").read_text() + f"\n127.0.1.1 {name}\n")
         env = self._home_env(home, TMPDIR="/tmp")  # its private tmpfs
-        # Paths the worker needs that the private mounts below would hide: its own home always,
-        # the code (repo, venv) only if it lives under a hidden directory (a CI clone in /tmp).
-        hidden = [*PRIVATE_DIRS, str(self.root)]
-        keep = [home]
-        for path in (REPO, Path(sys.prefix).resolve(), Path(sys.base_prefix).resolve(), self.dags_folder):
-            if _under(path, hidden) and not any(_under(path, [k]) for k in keep):
-                keep.append(path)
-        script = ["set -eu", "mount -t tmpfs -o size=1m,mode=0700 tmpfs /mnt"]
-        for i, path in enumerate(keep):
-            script += [f"mkdir /mnt/k{i}", f"mount --bind {shlex.quote(str(path))} /mnt/k{i}"]
-        script.append(f"mount --bind {shlex.quote(str(hosts))} /etc/hosts")
-        for folder in PRIVATE_DIRS:
-            script.append(f"mount -t tmpfs -o mode=1777,size=512m tmpfs {folder}")
-        root = shlex.quote(str(self.root))
-        script += [f"mkdir -p {root}", f"mount -t tmpfs -o mode=0755,size=1m tmpfs {root}"]
-        for i, path in enumerate(keep):
-            script += [f"mkdir -p {shlex.quote(str(path))}", f"mount --move /mnt/k{i} {shlex.quote(str(path))}"]
-        script += ["umount /mnt", f"hostname {shlex.quote(name)}"]
         worker = [
             str(BIN / "airflow"),
             "celery",
@@ -546,8 +558,7 @@ http {{
             "--without-gossip",
             "--without-mingle",
         ]
-        script.append("exec " + shlex.join(worker))
-        argv = [UNSHARE, "--mount", "--uts", "--propagation", "private", "--", "sh", "-c", "\n".join(script)]
+        argv = private_host_argv(name, home=home, root=self.root, hosts=hosts, command=worker, code=[self.dags_folder])
         self._spawn(name, argv, env, REPO)
 
     def _workers_answer(self) -> bool:
