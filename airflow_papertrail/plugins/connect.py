@@ -25,7 +25,7 @@ import logging
 import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Annotated, Any
-from urllib.parse import parse_qsl, urlsplit
+from urllib.parse import parse_qsl, urlencode, urlsplit
 
 from fastapi import APIRouter, Depends, HTTPException, Request
 from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
@@ -239,9 +239,11 @@ def _login_redirect(request: Request, services: ConnectServices) -> Response | N
     if not is_safe_url(next_url, request=request):
         return None
     try:
-        login = services.auth_manager().get_url_login(next_url=next_url)
+        login = str(services.auth_manager().get_url_login(next_url=next_url))
     except Exception:
         return None
+    if "next=" not in login:  # Airflow 3.2's SimpleAuthManager ignores next_url; its login page reads ?next=
+        login += ("&" if "?" in login else "?") + urlencode({"next": next_url})
     return RedirectResponse(login, status_code=303, headers={"Cache-Control": "no-store"})
 
 

@@ -175,6 +175,15 @@ def test_anonymous_browser_is_sent_to_the_login_page(env):
     assert parse_qs(urlsplit(location).query)["next"] == [f"{BASE}/connections"]
 
 
+def test_login_redirect_carries_next_even_if_the_auth_manager_drops_it(env):
+    env.services.auth_manager = lambda: type(
+        "Old", (AuthManager,), {"get_url_login": lambda self, **kw: "/auth/login"}
+    )()
+    location = env.client.get("/connections", headers=HTML).headers["location"]
+    assert urlsplit(location).path == "/auth/login"
+    assert parse_qs(urlsplit(location).query)["next"] == [f"{BASE}/connections"]
+
+
 def test_expired_session_of_a_browser_is_sent_to_the_login_page(env):
     response = env.client.get("/connections", headers=HTML, cookies={"_token": "expired"})
     assert response.status_code == 303 and response.headers["location"].startswith("/auth/login?")
