@@ -25,7 +25,9 @@ from airflow_papertrail.sensors.papertrail import PapertrailAuthorizationSensor
     schedule=None,
     start_date=pendulum.datetime(2024, 1, 1, tz="UTC"),
     catchup=False,
-    max_active_runs=1,
+    # Several organisations may be connected at the same time (the Connect page starts one run per
+    # click; a run waits up to authorization_ttl for its consent).
+    max_active_runs=16,
     tags=["papertrail"],
     params={
         "conn_id": Param("papertrail_default", type="string", description="Papertrail-ai connection to authorize"),
