@@ -15,7 +15,9 @@ workers, and that the api-server coordinator is what carries the guarantee.
 from __future__ import annotations
 
 import json
+import shutil
 import time
+from pathlib import Path
 
 import pytest
 from cryptography.fernet import Fernet
@@ -28,6 +30,8 @@ from tests.scaleout.topology import ScaleoutTopology, topology_config
 from tests.waiting import wait_until
 
 DAG_ID = "papertrail_scaleout"
+EXTRACT_DAG_ID = "papertrail_extract"
+EXAMPLE_DAGS = Path(__file__).resolve().parents[2] / "airflow_papertrail" / "example_dags"
 TASK_ID = "use_token"
 CONNECTIONS = [f"papertrail_scaleout_{n}" for n in range(4)]  # as in dags/papertrail_scaleout.py
 TASKS_PER_CONNECTION = 16
@@ -35,6 +39,9 @@ REDIRECT_URI = "http://127.0.0.1:9/papertrail/callback"
 KEY = Fernet.generate_key().decode()
 CLIENTS = {conn_id: (f"org-{n}-client", f"org-{n}-secret-" + "Q7x" * 8) for n, conn_id in enumerate(CONNECTIONS)}
 remember_secrets(KEY, *(secret for _, secret in CLIENTS.values()))
+# pytest-timeout's 300 s counts the module fixture's start (80 to 210 s on a loaded 2-core
+# machine) against the first test; every wait inside has its own deadline.
+pytestmark = pytest.mark.timeout(1800)
 
 READ_GRANTS = """
 import json
@@ -64,9 +71,24 @@ def emulator():
         remember_secrets(*emu.issued_secrets)
 
 
+def _example_extract_dag() -> str:
+    """The shipped example, unscheduled and without retries: unpausing it must not start a daily
+    run of its own (max_active_runs=1 would queue ours behind it), and a failure is final."""
+    text = (EXAMPLE_DAGS / "papertrail_extract.py").read_text()
+    for old, new in (('schedule="@daily"', "schedule=None"), ('"retries": 2', '"retries": 0')):
+        assert text.count(old) == 1, f"the example extract DAG no longer has {old}"
+        text = text.replace(old, new)
+    return text
+
+
 @pytest.fixture(scope="module")
-def topology(emulator):
-    topo = ScaleoutTopology(SCALEOUT_DIR / "dags", encryption_key=KEY)
+def topology(emulator, tmp_path_factory):
+    # The test DAGs plus the shipped example extract DAG, as a user would install it.
+    dags = tmp_path_factory.mktemp("scaleout-dags")
+    for source in (SCALEOUT_DIR / "dags").glob("*.py"):
+        shutil.copy(source, dags / source.name)
+    (dags / "papertrail_extract.py").write_text(_example_extract_dag())
+    topo = ScaleoutTopology(dags, encryption_key=KEY)
     try:
         topo.start()
         TIMINGS["topology start (s)"] = round(topo.timings["start_s"], 1)
@@ -80,8 +102,9 @@ def topology(emulator):
                 redirect_uri=REDIRECT_URI,
                 system="xero",
             )
-        topo.wait_for_dag(DAG_ID, timeout=180)
-        topo.unpause(DAG_ID)
+        for dag_id in (DAG_ID, EXTRACT_DAG_ID):
+            topo.wait_for_dag(dag_id, timeout=180)
+            topo.unpause(dag_id)
         yield topo
     finally:
         topo.stop()
@@ -174,6 +197,38 @@ def test_64_tasks_on_3_workers_one_refresh_per_grant(topology, emulator):
     TIMINGS["coordinator requests per replica"] = topo.upstreams_used("/papertrail/token")
     leaked = [s[:6] for s in emulator.issued_secrets if s in logs]
     assert not leaked, leaked
+
+
+def test_the_example_extract_dag_needs_a_shared_base_path(topology, emulator):
+    """Finding: ``papertrail_extract`` with a local ``base_path`` (its default is
+    ``/tmp/papertrail_extract``) cannot complete on workers that share no filesystem: each
+    extract task writes its file on its own worker, and ``write_manifest`` (on one worker) finds
+    the others missing. It fails loudly and writes no manifest, so no reader takes an incomplete
+    folder for a snapshot; the fix is a shared ``base_path`` (object storage, a shared mount)."""
+    topo = topology
+    _store_expired_grants(topo, emulator)
+    conn_id = CONNECTIONS[0]
+    run_id = topo.trigger(EXTRACT_DAG_ID, conf={"conn_id": conn_id, "base_path": "/tmp/papertrail_extract"})
+
+    run_state = topo.wait_for_run(EXTRACT_DAG_ID, run_id, timeout=600)
+    tis = {ti["task_id"]: ti for ti in topo.task_instances(EXTRACT_DAG_ID, run_id)}
+    state = tis["write_manifest"]["state"]
+    extracts = {tid: ti for tid, ti in tis.items() if "__" in tid}
+    assert len(extracts) == 12 and all(ti["state"] == "success" for ti in extracts.values()), {
+        tid: ti["state"] for tid, ti in tis.items()
+    }
+    writers = {ti["hostname"] for ti in extracts.values()}
+    manifest_host = tis["write_manifest"]["hostname"]
+    TIMINGS["extract DAG: extract tasks per worker"] = {
+        h: sum(ti["hostname"] == h for ti in extracts.values()) for h in sorted(writers)
+    }
+    if writers == {manifest_host}:
+        pytest.skip(f"every extract task and write_manifest ran on {manifest_host}: nothing to show this time")
+    assert run_state == "failed" and state == "failed", (run_state, tis["write_manifest"])
+    logs = "\n".join(
+        p.read_text(errors="replace") for p in topo.worker_log_files(manifest_host) if "write_manifest" in str(p)
+    )
+    assert "no manifest written" in logs and "is missing" in logs, logs[-3000:]
 
 
 def test_the_per_machine_fallback_does_not_serialize_across_workers(topology, emulator):
