@@ -44,6 +44,7 @@ from airflow_papertrail.exceptions import (
 from airflow_papertrail.health import (
     NOT_CONNECTED,
     NOT_RECORDED,
+    OUTCOME_UNKNOWN,
     REAUTHORIZATION_REQUIRED,
     REFRESH_FAILING,
     VALID,
@@ -76,7 +77,11 @@ EXPIRING = "expiring"
 DEAD = REAUTHORIZATION_REQUIRED
 #: Health states whose grant the keep-alive may refresh. ``outcome_unknown`` is left out on
 #: purpose: after a lost answer the custody rules decide when the token is presented again.
-_REFRESHABLE = (VALID, REFRESH_FAILING, NOT_RECORDED)
+#: ``outcome_unknown`` too: the look is :func:`refresh.plan`'s ``renew``, which for a grant with a
+#: lost answer is the look any task gives it (use the access token until it expires, then
+#: present the refresh token once more), so an idle grant whose keep-alive refresh lost its
+#: answer is not left to die unseen.
+_REFRESHABLE = (VALID, REFRESH_FAILING, NOT_RECORDED, OUTCOME_UNKNOWN)
 
 #: The keys the keep-alive adds to the context every notifier receives.
 CONTEXT_KEYS = (
@@ -277,11 +282,20 @@ def _attention(health: GrantHealth, now: float, warning_horizon: float) -> tuple
     return OK, "" if health.state != NOT_CONNECTED else "no grant is stored (never connected)", None
 
 
-def _force_refresh(hook: PapertrailHook) -> None:
-    """Refresh now through the one serialized path (coordinator, else this machine's lock)."""
+def _force_refresh(hook: PapertrailHook, generation: int | None) -> bool:
+    """Renew through the one serialized path (coordinator, else this machine's lock); whether a
+    new generation came back.
+
+    ``renew``, not ``force_refresh`` (which means "the server refused the token"): the
+    decision is :func:`refresh.plan`'s, made on the stored grant under the lock, not on the
+    advisory health. A grant with a lost refresh answer, a refusal or no refresh token is
+    never presented early; a healthy one is refreshed although its access token is valid.
+    """
     from airflow_papertrail.refresh import get_valid_token
 
-    get_valid_token(hook, force_refresh=True)
+    get_valid_token(hook, renew=True)
+    issued = getattr(hook, "issued_generation", None)
+    return issued is not None and (generation is None or issued > generation)
 
 
 def _check_one(
@@ -304,8 +318,7 @@ def _check_one(
     if why is not None:
         log.info("Refreshing the Papertrail-ai grant of %r: %s.", conn_id, why)
         try:
-            _force_refresh(hook_factory(conn_id))
-            refreshed = True
+            refreshed = _force_refresh(hook_factory(conn_id), health.generation)
         except ReauthorizationRequired as exc:
             dead_error = exc
             error = str(exc)

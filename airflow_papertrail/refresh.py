@@ -107,7 +107,9 @@ def _unknown_outcome(conn_id: str) -> ReauthorizationRequired:
     )
 
 
-def plan(grant: StoredGrant, *, seen_generation: int, force: bool, leeway: float, now: float) -> str:
+def plan(
+    grant: StoredGrant, *, seen_generation: int, force: bool, leeway: float, now: float, renew: bool = False
+) -> str:
     """What a caller does with the stored ``grant``: :data:`USE` it or :data:`REFRESH` it.
 
     The one refresh policy, for the api-server coordinator and the per-machine fallback
@@ -119,11 +121,23 @@ def plan(grant: StoredGrant, *, seen_generation: int, force: bool, leeway: float
       expiry, or when ``force`` (the server refused it with a 401);
     * after a lost refresh answer the access token is used until it really expires;
     * :class:`ReauthorizationRequired` only when the token cannot be used (expired, or
-      refused) and nothing can renew it.
+      refused) and nothing can renew it;
+    * ``renew`` (the keep-alive: refresh an idle grant before the server forgets it) refreshes
+      a token that is still valid, but only a healthy grant: after a lost answer, a refusal,
+      or without a refresh token it is an ordinary look (the rules above), never a forced
+      presentation.
     """
     token = grant.token
     if grant.generation > seen_generation and not token.is_expired(now):
         return USE
+    if (
+        renew
+        and not force
+        and token.refresh_token
+        and not grant.unknown_refresh_outcomes
+        and grant.reauthorization_error is None
+    ):
+        return REFRESH
     if not force and not token.due_for_refresh(leeway, now):
         return USE
     unusable = force or token.is_expired(now)
@@ -263,6 +277,7 @@ def coordinated_refresh(
     seen_generation: int,
     force: bool,
     entries: EntryAccess,
+    renew: bool = False,
     store: VariableTokenStore,
     client_factory: Callable[[], OAuthClient],
     config: OAuthClientConfig,
@@ -304,7 +319,9 @@ def coordinated_refresh(
             lease = None
             took_over = True
         try:
-            decision = plan(grant, seen_generation=seen_generation, force=force, leeway=config.leeway, now=now)
+            decision = plan(
+                grant, seen_generation=seen_generation, force=force, leeway=config.leeway, now=now, renew=renew
+            )
         except PapertrailError as exc:  # leave the block normally: what was written above commits
             error = exc
         if error is None and decision == REFRESH:
@@ -375,9 +392,18 @@ def _read(entries: EntryAccess, key: str) -> str | None:
 class RefreshJob:
     """One coordinator request, its ticket already opened: :meth:`attempt` until it answers."""
 
-    def __init__(self, cipher: Any, conn_id: str, seen_generation: int, force: bool, nonce: Any, entries: EntryAccess):
+    def __init__(
+        self,
+        cipher: Any,
+        conn_id: str,
+        seen_generation: int,
+        force: bool,
+        nonce: Any,
+        entries: EntryAccess,
+        renew: bool = False,
+    ):
         self.cipher, self.conn_id, self.seen_generation = cipher, conn_id, seen_generation
-        self.force, self.nonce, self.entries = force, nonce, entries
+        self.force, self.nonce, self.entries, self.renew = force, nonce, entries, renew
         self._config: Any = None
 
     def attempt(self) -> tuple[int, dict[str, Any]] | None:
@@ -408,6 +434,7 @@ class RefreshJob:
                     seen_generation=self.seen_generation,
                     force=self.force,
                     entries=self.entries,
+                    renew=self.renew,
                     store=store,
                     client_factory=client,
                     config=config,
@@ -450,12 +477,13 @@ def open_refresh_request(ticket: str, *, entries: EntryAccess) -> RefreshJob | t
         conn_id = str(request["conn_id"])
         seen_generation = int(request["seen_generation"])
         force = bool(request.get("force"))
+        renew = bool(request.get("renew"))  # absent in a ticket from an older worker: an ordinary look
         nonce = request.get("nonce")
     except StaleTicket:
         return 401, {"error": "stale_ticket", "message": f"the refresh ticket is older than {REQUEST_TICKET_TTL} s"}
     except (TicketError, KeyError, TypeError, ValueError):
         return 401, {"error": "invalid_ticket", "message": "not a valid refresh ticket for these encryption keys"}
-    return RefreshJob(cipher, conn_id, seen_generation, force, nonce, entries)
+    return RefreshJob(cipher, conn_id, seen_generation, force, nonce, entries, renew)
 
 
 def busy_answer(conn_id: str) -> tuple[int, dict[str, Any]]:
@@ -539,13 +567,14 @@ def api_server_url(path: str) -> str | None:
 
 
 def get_valid_token(
-    hook: PapertrailHook, *, force_refresh: bool = False, refused_generation: int | None = None
+    hook: PapertrailHook, *, force_refresh: bool = False, refused_generation: int | None = None, renew: bool = False
 ) -> Token:
     """A valid access token for ``hook``'s connection (see the module docstring).
 
     :param force_refresh: the server refused the token (a 401).
     :param refused_generation: the generation of the refused token. With it, a grant that
         someone else refreshed since is used as it is, never refreshed again.
+    :param renew: refresh a still valid token of a healthy grant (the keep-alive); see :func:`plan`.
     """
     from airflow.sdk import conf
 
@@ -561,7 +590,9 @@ def get_valid_token(
         hook.token_store.record_failure(REAUTHORIZATION_REQUIRED, exc.error, exc.description)
         raise
     seen = stored.generation if refused_generation is None or not force_refresh else refused_generation
-    decision = plan(stored, seen_generation=seen, force=force_refresh, leeway=hook.config.leeway, now=time.time())
+    decision = plan(
+        stored, seen_generation=seen, force=force_refresh, leeway=hook.config.leeway, now=time.time(), renew=renew
+    )
     if decision == USE:
         hook.issued_generation = stored.generation
         return stored.token
@@ -574,7 +605,7 @@ def get_valid_token(
         )
     if mode != "local":
         try:
-            return _via_api_server(hook, stored, force_refresh)
+            return _via_api_server(hook, stored, force_refresh, renew=renew)
         except CoordinatorUnavailable as exc:
             if mode == "api-server":
                 raise TransientOAuthError(
@@ -584,10 +615,10 @@ def get_valid_token(
                     "airflow-provider-papertrail installed there, or set refresh_coordinator = auto"
                 ) from None
             log.info("No Papertrail-ai refresh coordinator reachable (%s); refreshing on this machine.", exc)
-    return _locally(hook, stored, force_refresh)
+    return _locally(hook, stored, force_refresh, renew=renew)
 
 
-def _via_api_server(hook: PapertrailHook, stored: StoredGrant, force: bool) -> Token:
+def _via_api_server(hook: PapertrailHook, stored: StoredGrant, force: bool, *, renew: bool = False) -> Token:
     import requests
 
     from airflow_papertrail.hooks.papertrail import mask
@@ -601,7 +632,7 @@ def _via_api_server(hook: PapertrailHook, stored: StoredGrant, force: bool) -> T
     ticket = seal_ticket(
         cipher,
         REQUEST_PURPOSE,
-        {"conn_id": conn_id, "seen_generation": stored.generation, "force": force, "nonce": nonce},
+        {"conn_id": conn_id, "seen_generation": stored.generation, "force": force, "renew": renew, "nonce": nonce},
     )
     try:
         response = requests.post(url, json={"ticket": ticket}, timeout=(5, COORDINATOR_TIMEOUT), allow_redirects=False)
@@ -740,7 +771,7 @@ def _machine_lock(conn_id: str) -> Iterator[None]:
             fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
 
 
-def _locally(hook: PapertrailHook, seen: StoredGrant, force: bool) -> Token:
+def _locally(hook: PapertrailHook, seen: StoredGrant, force: bool, *, renew: bool = False) -> Token:
     conn_id = hook.papertrail_conn_id
     with _machine_lock(conn_id):
         stored = hook.token_store.load()
@@ -748,7 +779,10 @@ def _locally(hook: PapertrailHook, seen: StoredGrant, force: bool) -> Token:
             raise ReauthorizationRequired(conn_id, "no grant is stored for this connection")
         check_binding(stored, hook.config)
         now = time.time()
-        if plan(stored, seen_generation=seen.generation, force=force, leeway=hook.config.leeway, now=now) == USE:
+        decision = plan(
+            stored, seen_generation=seen.generation, force=force, leeway=hook.config.leeway, now=now, renew=renew
+        )
+        if decision == USE:
             hook.issued_generation = stored.generation
             return stored.token
         if stored.refresh_lease is not None and float(stored.refresh_lease.get("until", 0)) > now:

@@ -82,6 +82,16 @@ class PapertrailAuthorizeOperator(BaseOperator):
 
         ti = context.get("ti")
         adopt = (self.authorization_id or "").strip()
+        notify = self.notify
+        if not adopt or adopt == "None":
+            # A DAG file copied before the Connect page existed does not template these two: the
+            # run's conf still carries them (otherwise this task would issue a second
+            # authorization and nobody would redeem the one the person consented to).
+            conf = getattr(context.get("dag_run"), "conf", None) or {}
+            adopt = str(conf.get("authorization_id") or "").strip()
+            if adopt and "notify" in conf:
+                notify = conf["notify"]
+        published = True
         if adopt and adopt != "None":  # "None": a template that rendered an unset param
             pending = adopt_pending(
                 AuthorizationStore(on_secret=mask),
@@ -92,6 +102,10 @@ class PapertrailAuthorizeOperator(BaseOperator):
                 now=time.time(),
             )
             consent_url = str(pending.consent_url)
+            # Connect (not "Get a link to send"): the person who clicked is on the consent page
+            # already. The link carries the state, so whoever read it (the task log, XCom) could
+            # finish this consent with an organisation of their own: it is not published.
+            published = _truthy(notify)
         else:
             hook = PapertrailHook(self.papertrail_conn_id)
             client = hook.oauth_client
@@ -109,19 +123,28 @@ class PapertrailAuthorizeOperator(BaseOperator):
             consent_url = request.url
         self._warn_without_triggerer()
         expires = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(pending.expires_at))
-        self.log.info(
-            "Open this link and approve access for connection %r (valid until %s):\n\n    %s\n",
-            self.papertrail_conn_id,
-            expires,
-            consent_url,
-        )
-        if self.notifiers and _truthy(self.notify):
+        if published:
+            self.log.info(
+                "Open this link and approve access for connection %r (valid until %s):\n\n    %s\n",
+                self.papertrail_conn_id,
+                expires,
+                consent_url,
+            )
+        else:
+            self.log.info(
+                "Authorization %s for connection %r was started on the Connect page, whose user was sent to the "
+                "consent page (valid until %s); the link is not logged.",
+                pending.authorization_id[:12],
+                self.papertrail_conn_id,
+                expires,
+            )
+        if self.notifiers and _truthy(notify):
             notify_context = dict(context)
             notify_context.update(papertrail_consent_url=consent_url, papertrail_authorization_expires_at=expires)
             for notifier in self.notifiers:
                 notifier(notify_context)
         return {
-            "consent_url": consent_url,
+            "consent_url": consent_url if published else None,
             "authorization_id": pending.authorization_id,
             "conn_id": self.papertrail_conn_id,
             "expires_at": pending.expires_at,

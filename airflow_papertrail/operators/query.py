@@ -9,6 +9,7 @@ Constructors do no I/O; the hook is created in ``execute``.
 from __future__ import annotations
 
 import json
+import logging
 import uuid
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
@@ -17,6 +18,8 @@ from airflow.sdk import BaseOperator
 from airflow.sdk.exceptions import AirflowFailException
 
 from airflow_papertrail.exceptions import ReauthorizationRequired
+
+log = logging.getLogger(__name__)
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
@@ -115,7 +118,24 @@ class ReauthorizationFailure(ReauthorizationRequired, AirflowFailException):
 
     @classmethod
     def of(cls, exc: ReauthorizationRequired) -> ReauthorizationFailure:
+        if exc.status == 401 and exc.conn_id:
+            _record_refused_token(exc)
         return cls(str(exc.conn_id or ""), exc.description, error=exc.error, status=exc.status)
+
+
+def _record_refused_token(exc: ReauthorizationRequired) -> None:
+    """The data API refused a freshly refreshed token (a 401 twice): the refresh itself worked,
+    so nothing recorded the dead grant yet. Record it in the health (advisory, never raises),
+    so the Connect page and the keep-alive see it; the next successful refresh and use clear it."""
+    try:
+        from airflow_papertrail.health import REAUTHORIZATION_REQUIRED
+        from airflow_papertrail.hooks.papertrail import PapertrailHook
+
+        PapertrailHook(str(exc.conn_id)).token_store.record_failure(
+            REAUTHORIZATION_REQUIRED, exc.error, exc.description
+        )
+    except Exception as err:  # health never hides the task's own error
+        log.warning("Could not record the refused token of %r in its health: %s", exc.conn_id, type(err).__name__)
 
 
 class PapertrailQueryOperator(BaseOperator):

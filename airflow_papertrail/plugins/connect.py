@@ -22,6 +22,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import logging
+import re
 import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Annotated, Any
@@ -58,6 +59,7 @@ MAX_FORM_BYTES = 4096
 _CSRF_LABEL = b"airflow-provider-papertrail connect-page csrf v1"
 
 _bearer = HTTPBearer(auto_error=False)
+_HEX64 = re.compile(r"[0-9a-f]{64}")
 
 
 async def current_user(
@@ -86,8 +88,8 @@ def csrf_token(secret_key: str, user_id: str, conn_id: str, now: float, *, bucke
 
 def verify_csrf(secret_key: str, token: str | None, user_id: str, conn_id: str, now: float) -> bool:
     """Constant-time check against this hour's and the previous hour's token."""
-    if not token or not secret_key:
-        return False
+    if not token or not secret_key or not _HEX64.fullmatch(token):
+        return False  # also keeps non-ASCII text from compare_digest (a TypeError, a 500)
     ok = False
     for offset in (0, -1):  # evaluate both: the time taken does not say which matched
         ok |= hmac.compare_digest(token, csrf_token(secret_key, user_id, conn_id, now, bucket_offset=offset))

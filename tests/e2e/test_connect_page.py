@@ -228,7 +228,9 @@ def _check_run(cs, run: dict, consent_url: str) -> None:
     xcom = cs.stack.xcom(AUTHORIZE_DAG, run_id, "authorize")
     state = parse_qs(urlsplit(consent_url).query)["state"][0]
     assert xcom["authorization_id"] == run["conf"]["authorization_id"] == authorization_id_for(state)
-    assert parse_qs(urlsplit(xcom["consent_url"]).query)["state"] == [state]
+    # Connect mode: the link (it carries the state) is in neither XCom nor the task log.
+    assert xcom["consent_url"] is None
+    assert state not in cs.stack.task_log(AUTHORIZE_DAG, run_id, "authorize")
     assert cs.stack.variable(pending_variable_key(xcom["authorization_id"])) is None  # redeemed and gone
 
 

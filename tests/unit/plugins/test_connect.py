@@ -560,9 +560,62 @@ def test_authorize_task_returns_the_adopted_link_and_notifies_only_when_asked(mo
         notifiers=[lambda ctx: seen.append(ctx["papertrail_consent_url"])],
     )
     result = op.execute({"ti": _TI()})
-    assert result["consent_url"] == pending.consent_url and result["authorization_id"] == pending.authorization_id
+    # Only a link meant to be sent is published (XCom, log); a Connect-mode link is not.
+    assert result["consent_url"] == (pending.consent_url if called else None)
+    assert result["authorization_id"] == pending.authorization_id
     assert seen == ([pending.consent_url] if called else [])
     assert len(store.backend.values) == 1  # adopted, nothing new issued
+
+
+def test_connect_mode_publishes_the_state_in_neither_log_nor_xcom(monkeypatch, caplog, capsys):
+    """Review finding H1 (failed before the fix): whoever could read the authorize task's log or
+    XCom (a DAG viewer, with no connection right) could finish the consent with an
+    organisation of their own."""
+    import logging
+
+    import airflow_papertrail.operators.papertrail as module
+
+    store = _store()
+    pending = _issued(store)
+    monkeypatch.setattr(module, "AuthorizationStore", lambda **kw: store)
+    monkeypatch.setattr(PapertrailAuthorizeOperator, "_warn_without_triggerer", lambda self: None)
+    op = PapertrailAuthorizeOperator(
+        task_id="authorize", papertrail_conn_id="pt", authorization_id=pending.authorization_id, notify="False"
+    )
+    caplog.set_level(logging.INFO)
+    op.log.propagate = True
+    result = op.execute({"ti": _TI()})
+    logged = caplog.text + capsys.readouterr().out  # the task logger may print through structlog
+    assert pending.state not in str(result)
+    assert pending.state not in logged
+    assert "the link is not logged" in logged
+
+
+def test_an_older_dag_copy_adopts_from_the_run_conf(monkeypatch):
+    """Review finding M2 (failed before the fix): a DAG copied before the Connect page existed does
+    not template authorization_id; the task issued a second authorization nobody redeemed."""
+    import airflow_papertrail.operators.papertrail as module
+
+    store = _store()
+    pending = _issued(store)
+    monkeypatch.setattr(module, "AuthorizationStore", lambda **kw: store)
+    monkeypatch.setattr(PapertrailAuthorizeOperator, "_warn_without_triggerer", lambda self: None)
+    seen = []
+    op = PapertrailAuthorizeOperator(
+        task_id="authorize", papertrail_conn_id="pt", notifiers=[lambda ctx: seen.append(1)]
+    )
+    run = type("Run", (), {"conf": {"authorization_id": pending.authorization_id, "notify": False}})()
+    result = op.execute({"ti": _TI(), "dag_run": run})
+    assert result["authorization_id"] == pending.authorization_id
+    assert result["consent_url"] is None and seen == []
+    assert len(store.backend.values) == 1  # adopted, nothing new issued
+
+
+def test_a_non_ascii_csrf_token_is_refused_not_a_crash():
+    """Review finding L2 (a TypeError, HTTP 500, before the fix)."""
+    assert not verify_csrf("k" * 32, "\u00e9" * 64, "editor", "pt", NOW)
+    assert not verify_csrf("k" * 32, "A" * 64, "editor", "pt", NOW)
+    assert verify_csrf("k" * 32, csrf_token("k" * 32, "editor", "pt", NOW), "editor", "pt", NOW)
 
 
 def test_truthy():
