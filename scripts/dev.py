@@ -154,10 +154,11 @@ def find_python(version: str) -> str | None:
 def run_other_pythons() -> list[str]:
     """The unit suite on every other supported Python found on this machine (no downloads).
 
-    Each gets its own environment from the same uv.lock (``.venv-py3.X``), synced one after
-    the other; the suites then run at the same time (CPU-bound, about 45 s each alone: the
-    CI budget), each into its own log, printed when it ends. An interpreter that is not
-    installed is reported and skipped: the locked 3.11 suite is the one CI needs.
+    Each gets its own environment from the same uv.lock (``.venv-py3.X``); the suites run one
+    after the other (CPU-bound, 70-100 s each), each into its own log, printed when it ends:
+    ``dev.py test`` runs them beside the main suite, whose end-to-end tests have deadlines, so
+    they must not take both cores at once. An interpreter that is not installed is reported
+    and skipped: the locked 3.11 suite is the one CI needs.
     """
     uv = find_uv()
     failures = []
@@ -182,6 +183,7 @@ def run_other_pythons() -> list[str]:
         with log_path.open("wb") as log_file:
             proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log_file, stderr=subprocess.STDOUT)
         running.append((version, proc, log_path, time.monotonic()))
+        proc.wait()  # one at a time (docstring)
     for version, proc, log_path, started in running:
         rc = proc.wait()
         say(f"unit tests on Python {version}: exit {rc} after {time.monotonic() - started:.0f} s")
