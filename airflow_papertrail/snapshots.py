@@ -7,6 +7,9 @@
         ...
         _MANIFEST.json          <- written last, atomically; its presence means "complete"
 
+``papertrail_extract_many`` writes the same layout once per client organisation, below
+``{base_path}/{conn_id made path-safe}/`` (:func:`organisation_base_path`).
+
 ``date`` is the run's logical date (``run_after`` for a manual run without one) as
 ``YYYY-MM-DD``. A rerun of March in June, a manual run beside the scheduled one, a
 half-failed rerun: each lands in its own run folder, or (a cleared run, same run id)
@@ -60,6 +63,16 @@ def snapshot_folder(base_path: Any, when: datetime | date_type | str, run_id: st
     """
     day = when if isinstance(when, str) else when.strftime("%Y-%m-%d")
     return f"{str(base_path).rstrip('/')}/{day}/{path_safe(run_id)}"
+
+
+def organisation_base_path(base_path: Any, conn_id: str) -> str:
+    """``{base_path}/{path_safe(conn_id)}``: the base path of one client organisation's snapshots.
+
+    ``papertrail_extract_many`` writes each organisation's runs below its own folder, so
+    ``latest_complete_snapshot(organisation_base_path(base_path, conn_id))`` finds that
+    organisation's newest complete snapshot.
+    """
+    return f"{str(base_path).rstrip('/')}/{path_safe(conn_id)}"
 
 
 # ---------------------------------------------------------------------------------------
@@ -362,6 +375,7 @@ __all__ = [
     "interval_templates",
     "is_complete",
     "latest_complete_snapshot",
+    "organisation_base_path",
     "path_safe",
     "read_manifest",
     "remove_stale_manifest",

@@ -77,7 +77,7 @@ from unittest import mock
 
 import pendulum
 
-path, conf, logical_date, run_id = sys.argv[1], json.loads(sys.argv[2]), sys.argv[3], sys.argv[4]
+path, conf, logical_date, run_id, factory = sys.argv[1], json.loads(sys.argv[2]), sys.argv[3], sys.argv[4], sys.argv[5]
 os.environ["AIRFLOW__CORE__DAGS_FOLDER"] = os.path.dirname(os.path.abspath(path))
 spec = importlib.util.spec_from_file_location("dag_under_test", path)
 module = importlib.util.module_from_spec(spec)
@@ -85,7 +85,7 @@ spec.loader.exec_module(module)
 from airflow.models.dagrun import DagRun
 
 with mock.patch.object(DagRun, "generate_run_id", return_value=run_id):
-    run = module.papertrail_extract().test(run_conf=conf, logical_date=pendulum.parse(logical_date))
+    run = getattr(module, factory)().test(run_conf=conf, logical_date=pendulum.parse(logical_date))
 print(f"DAGRUN_STATE={run.state}")
 sys.exit(0 if str(run.state).endswith("success") else 1)
 """
@@ -96,9 +96,10 @@ SCHEDULED = f"nightly__{MARCH}"
 MANUAL = "manual__2024-06-10T09:15:02.123456+00:00"
 
 
-def _run_example(env, conf, *, run_id=SCHEDULED, logical_date=MARCH, succeed=True):
+def _run_example(env, conf, *, run_id=SCHEDULED, logical_date=MARCH, succeed=True, dag_file=EXTRACT_DAG):
+    factory = Path(dag_file).stem  # each example DAG file's DAG function is named after the file
     proc = run(
-        [sys.executable, "-c", _RUN_EXAMPLE, EXTRACT_DAG, json.dumps(conf), logical_date, run_id],
+        [sys.executable, "-c", _RUN_EXAMPLE, dag_file, json.dumps(conf), logical_date, run_id, factory],
         env=env,
         timeout=600,
         check=succeed,
@@ -107,7 +108,7 @@ def _run_example(env, conf, *, run_id=SCHEDULED, logical_date=MARCH, succeed=Tru
     return proc
 
 
-def _check_complete_run(folder: Path, extracts, count: int) -> dict:
+def _check_complete_run(folder: Path, extracts, count: int, *, dag_id: str = "papertrail_extract") -> dict:
     """Every extract file, nothing else but the manifest, and a manifest that vouches for them."""
     from airflow_papertrail.snapshots import MANIFEST_NAME, is_complete, read_manifest
 
@@ -128,7 +129,7 @@ def _check_complete_run(folder: Path, extracts, count: int) -> dict:
         else:
             assert len(records) == count and len({r["id"] for r in records}) == count
     assert manifest["manifest_written_at"] >= max(f["written_at"] for f in manifest["files"])  # written last
-    assert manifest["dag_id"] == "papertrail_extract" and manifest["provider_version"]
+    assert manifest["dag_id"] == dag_id and manifest["provider_version"]
     return manifest
 
 
@@ -262,6 +263,7 @@ def test_example_dag_parses_with_one_task_per_query():
     assert {t.task_id for t in dag.tasks} == extracts | {"clear_manifest", "write_manifest"}
     for task_id in extracts:  # all in parallel, after the stale manifest is gone
         assert dag.get_task(task_id).upstream_task_ids == {"clear_manifest"}
-    assert dag.get_task("write_manifest").upstream_task_ids == extracts
+    # the run folder from clear_manifest's XCom, then every file
+    assert dag.get_task("write_manifest").upstream_task_ids == extracts | {"clear_manifest"}
     assert not dag.render_template_as_native_obj  # query_params travel as JSON text
-    assert Path(EXTRACT_DAG).read_text().count("PapertrailExtractOperator(") == 1
+    assert "snapshot_tasks(" in Path(EXTRACT_DAG).read_text()  # the tasks papertrail_extract_many maps too
