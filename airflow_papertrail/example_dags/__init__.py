@@ -12,7 +12,13 @@ from __future__ import annotations
 from pathlib import Path
 
 #: The example DAG files, in the order a new user runs them.
-EXAMPLE_DAGS = ("papertrail_authorize.py", "papertrail_query.py", "papertrail_extract.py", "papertrail_grant_health.py")
+EXAMPLE_DAGS = (
+    "papertrail_authorize.py",
+    "papertrail_query.py",
+    "papertrail_extract.py",
+    "papertrail_extract_many.py",
+    "papertrail_grant_health.py",
+)
 
 
 def example_dag_paths() -> list[Path]:
