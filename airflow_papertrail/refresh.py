@@ -614,8 +614,38 @@ def get_valid_token(
                     "([papertrail] coordinator_url, else [core] execution_api_server_url) with "
                     "airflow-provider-papertrail installed there, or set refresh_coordinator = auto"
                 ) from None
+            remote = remote_executors(str(conf.get("core", "executor", fallback="") or ""))
+            if remote:
+                # Tasks of these executors may run on several machines at once: the per-machine lock
+                # would serialize this machine only, and a refresh here could present the refresh token
+                # another machine is presenting (a rotating server then revokes the grant).
+                raise TransientOAuthError(
+                    f"the token refresh coordinator is unavailable: {exc}. [core] executor = {', '.join(remote)} "
+                    "may run tasks on several machines, so refresh_coordinator = auto does not refresh on this "
+                    "one (it would not be serialized with the others): make the api-server reachable from this "
+                    "worker ([papertrail] coordinator_url, else [core] execution_api_server_url) with "
+                    "airflow-provider-papertrail installed there, then retry the task. Only if every task of "
+                    "this deployment runs on this one machine, set refresh_coordinator = local"
+                ) from None
             log.info("No Papertrail-ai refresh coordinator reachable (%s); refreshing on this machine.", exc)
     return _locally(hook, stored, force_refresh, renew=renew)
+
+
+#: Executors whose tasks all run on the machine of the scheduler that started them, where the
+#: per-machine lock serializes every refresh: ``auto`` may fall back to it under these only.
+SINGLE_MACHINE_EXECUTORS = frozenset({"LocalExecutor", "SequentialExecutor", "DebugExecutor"})
+
+
+def remote_executors(setting: str) -> list[str]:
+    """The executors named in ``[core] executor`` (a comma-separated list of names, module paths
+    or ``alias:path`` entries) that may run tasks on other machines: all but
+    :data:`SINGLE_MACHINE_EXECUTORS`. Empty (no executor configured) means this machine only."""
+    found = []
+    for entry in setting.split(","):
+        name = entry.strip().rsplit(":", 1)[-1].rsplit(".", 1)[-1].strip()
+        if name and name not in SINGLE_MACHINE_EXECUTORS:
+            found.append(name)
+    return found
 
 
 def _via_api_server(hook: PapertrailHook, stored: StoredGrant, force: bool, *, renew: bool = False) -> Token:

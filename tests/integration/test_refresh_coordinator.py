@@ -281,6 +281,49 @@ def test_an_api_server_without_the_route_falls_back_in_auto_mode(grant, monkeypa
     assert store.load().generation == stored.generation + 1
 
 
+def _refusing_url() -> str:
+    """A coordinator URL where nothing listens (a proxy or api-server restarting)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    return f"http://127.0.0.1:{port}/papertrail/token"
+
+
+@pytest.mark.parametrize(
+    ("executor", "local_refresh"),
+    [
+        pytest.param("LocalExecutor", True, id="local"),
+        pytest.param("", True, id="none-configured"),
+        pytest.param("CeleryExecutor", False, id="celery"),
+        pytest.param("LocalExecutor,CeleryExecutor", False, id="local-and-celery"),
+        pytest.param(
+            "airflow.providers.cncf.kubernetes.executors.kubernetes_executor.KubernetesExecutor", False, id="k8s-path"
+        ),
+        pytest.param("edge:airflow.providers.edge3.executors.EdgeExecutor", False, id="alias"),
+    ],
+)
+def test_auto_refreshes_locally_on_a_refused_coordinator_only_under_a_single_machine_executor(
+    grant, monkeypatch, executor, local_refresh
+):
+    """A proxy restarting in front of the api-server refuses connections for a moment; under an
+    executor that runs tasks on several machines, refreshing on this one would not be serialized
+    with the others (docs/scaling-out.md, the negative control)."""
+    emulator, store, stored, _ = grant
+    monkeypatch.setenv("AIRFLOW__PAPERTRAIL__COORDINATOR_URL", _refusing_url())
+    monkeypatch.setenv("AIRFLOW__PAPERTRAIL__REFRESH_COORDINATOR", "auto")
+    monkeypatch.setenv("AIRFLOW__CORE__EXECUTOR", executor)
+    if local_refresh:
+        get_valid_token(PapertrailHook(CONN))
+        assert emulator.stats["refresh_grants"] == 1
+        assert store.load().generation == stored.generation + 1
+        return
+    with pytest.raises(TransientOAuthError, match="may run tasks on several machines") as err:
+        get_valid_token(PapertrailHook(CONN))
+    assert "refused the connection" in str(err.value) and "retry the task" in str(err.value)
+    assert emulator.stats["refresh_grants"] == 0  # nothing presented from this machine
+    assert store.load().generation == stored.generation
+
+
 def test_an_answer_for_another_request_is_refused(grant, monkeypatch):
     emulator, store, stored, _ = grant
     cipher = load_cipher()
