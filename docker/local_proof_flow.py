@@ -7,6 +7,13 @@
 3. wait for the run to succeed, then trigger ``papertrail_extract`` and wait for it;
 4. print a JSON summary (timings, run and task states, records per extract task).
 
+With ``--refresh-check`` (``local-proof.sh --celery``, once the stored grant's access token was
+expired) it runs the refresh check instead: expire every access token at the emulator too
+(``proof_emulator.py``'s admin port), trigger the DAG of mapped tasks that each need a token,
+and check that every task succeeded, that they ran on at least 2 workers (the task instances'
+hostnames), and that the emulator counted exactly one refresh and no refresh token presented
+twice (no ``invalid_grant``, no revoked grant).
+
 Nothing printed contains a token, code or secret.
 """
 
@@ -19,6 +26,7 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
+from datetime import datetime
 from html.parser import HTMLParser
 from typing import TYPE_CHECKING, Any
 
@@ -214,12 +222,26 @@ def main() -> int:
     parser.add_argument("--callback-prefix", default="http://localhost:8080/papertrail/callback")
     parser.add_argument("--summary", required=True, help="write the JSON summary here")
     parser.add_argument("--timeout", type=float, default=600.0, help="bound for each wait")
+    check = parser.add_argument_group("the refresh check (local-proof.sh --celery)")
+    check.add_argument("--refresh-check", action="store_true", help="run the refresh check instead of the flow")
+    check.add_argument("--refresh-dag", default="papertrail_refresh_proof")
+    check.add_argument("--expect-tasks", type=int, default=16)
+    check.add_argument("--emulator-admin", default="http://127.0.0.1:8444", help="proof_emulator.py's admin port")
+    check.add_argument("--workers", default="", help="the Celery workers' hostnames, comma-separated")
+    check.add_argument("--grant-before", default="{}", help='the stored grant: {"generation", "expires_in"}')
     args = parser.parse_args()
-    if urllib.parse.urlsplit(args.base_url).scheme not in ("http", "https"):
-        parser.error("--base-url must be an http(s) URL")
+    for url in (args.base_url, args.emulator_admin):
+        if urllib.parse.urlsplit(url).scheme not in ("http", "https"):
+            parser.error(f"not an http(s) URL: {url}")
     api = Api(args.base_url)
     summary: dict[str, Any] = {"phases": {}}
     timeout = args.timeout
+    if args.refresh_check:
+        try:
+            return refresh_check(api, args, summary)
+        finally:
+            with open(args.summary, "w") as out:
+                json.dump(summary, out, indent=2)
 
     def phase(name: str, started: float) -> None:
         summary["phases"][name] = round(time.monotonic() - started, 1)
@@ -283,6 +305,105 @@ def main() -> int:
     finally:
         with open(args.summary, "w") as out:
             json.dump(summary, out, indent=2)
+
+
+def admin(base_url: str, method: str, path: str) -> dict[str, Any]:
+    """The emulator's admin port (docker/proof_emulator.py)."""
+    url = f"{base_url.rstrip('/')}{path}"
+    request = urllib.request.Request(url, data=b"" if method == "POST" else None, method=method)  # noqa: S310 - http(s) checked in main
+    with OPENER.open(request, timeout=30) as resp:
+        return dict(json.load(resp))
+
+
+def mapped_instances(api: Api, dag_id: str, run_id: str) -> list[dict[str, Any]]:
+    body = api.get(f"/dags/{q(dag_id)}/dagRuns/{q(run_id)}/taskInstances?limit=100")
+    return [ti for ti in body["task_instances"] if ti.get("map_index", -1) >= 0]
+
+
+def _seconds(start: str | None, end: str | None) -> float | None:
+    if not start or not end:
+        return None
+    return round((datetime.fromisoformat(end) - datetime.fromisoformat(start)).total_seconds(), 1)
+
+
+def refresh_check(api: Api, args: argparse.Namespace, summary: dict[str, Any]) -> int:
+    """Mapped tasks with an expired token on several Celery workers: exactly one refresh."""
+    timeout = args.timeout
+    dag_id = args.refresh_dag
+    grant_before = json.loads(args.grant_before)
+    t = time.monotonic()
+    wait_until("GET /auth/token", timeout, lambda: _try(api.token))
+    wait_for_dag(api, dag_id, timeout)
+    summary["phases"]["refresh_dag_parsed"] = round(time.monotonic() - t, 1)
+
+    expired = admin(args.emulator_admin, "POST", "/expire-access-tokens")["expired"]
+    before = admin(args.emulator_admin, "GET", "/stats")
+    say(
+        f"stored grant generation {grant_before['generation']} expired {-grant_before['expires_in']} s ago; "
+        f"the emulator expired {expired} live access token(s)"
+    )
+    t = time.monotonic()
+    unpause(api, dag_id)
+    run_id = trigger(api, dag_id)
+    say(f"triggered {dag_id}: {run_id}")
+    state = wait_for_run(api, dag_id, run_id, timeout)
+    summary["phases"]["refresh_check_run"] = round(time.monotonic() - t, 1)
+    after = admin(args.emulator_admin, "GET", "/stats")
+    delta = {k: after[k] - before.get(k, 0) for k in after if after[k] != before.get(k, 0)}
+
+    instances = mapped_instances(api, dag_id, run_id)
+    per_host: dict[str, int] = {}
+    for ti in instances:
+        per_host[str(ti.get("hostname"))] = per_host.get(str(ti.get("hostname")), 0) + 1
+    reports = []
+    for ti in sorted(instances, key=lambda ti: ti["map_index"]):
+        if ti.get("state") == "success":
+            path = f"/dags/{q(dag_id)}/dagRuns/{q(run_id)}/taskInstances/{q(ti['task_id'])}/xcomEntries/return_value"
+            reports.append(api.get(f"{path}?map_index={ti['map_index']}")["value"])
+    starts = sorted(ti["start_date"] for ti in instances if ti.get("start_date"))
+    ends = sorted(ti["end_date"] for ti in instances if ti.get("end_date"))
+    generations = sorted({r["generation"] for r in reports})
+    check = {
+        "run_id": run_id,
+        "state": state,
+        "tasks": len(instances),
+        "tasks_success": sum(1 for ti in instances if ti.get("state") == "success"),
+        "tasks_per_worker": per_host,
+        "worker_hostnames": args.workers.split(",") if args.workers else [],
+        "first_task_start_to_last_end_s": _seconds(starts[0], ends[-1]) if starts and ends else None,
+        "generation_before": grant_before["generation"],
+        "generations_seen_by_tasks": generations,
+        "access_tokens_expired_at_emulator": expired,
+        "emulator_delta": delta,
+        "emulator_totals": {k: after[k] for k in ("refresh_grants", "grants_revoked", "invalid_grant_errors")},
+    }
+    summary["refresh_check"] = check
+    problems = []
+    if state != "success" or check["tasks_success"] != args.expect_tasks or len(instances) != args.expect_tasks:
+        problems.append(
+            f"{check['tasks_success']}/{len(instances)} tasks succeeded (run {state}), wanted {args.expect_tasks}"
+        )
+    if len(per_host) < 2:
+        problems.append(f"the tasks ran on {len(per_host)} worker(s): {per_host}")
+    if check["worker_hostnames"] and not set(per_host) <= set(check["worker_hostnames"]):
+        problems.append(f"task hostnames {sorted(per_host)} are not the workers' {check['worker_hostnames']}")
+    if delta.get("refresh_grants", 0) != 1 or delta.get("token_requests", 0) != 1:
+        problems.append(
+            f"the emulator counted {delta.get('refresh_grants', 0)} refreshes in "
+            f"{delta.get('token_requests', 0)} token requests, wanted exactly 1"
+        )
+    if delta.get("grants_revoked", 0) or delta.get("invalid_grant_errors", 0):
+        problems.append(f"a refresh token was refused or presented twice: {delta}")
+    if generations != [grant_before["generation"] + 1]:
+        problems.append(f"the tasks saw grant generations {generations}, wanted [{grant_before['generation'] + 1}]")
+    check["problems"] = problems
+    for problem in problems:
+        say(f"REFRESH CHECK FAILED: {problem}")
+    say(
+        f"{dag_id}: {state}, {check['tasks_success']}/{len(instances)} tasks, per worker {per_host}, "
+        f"emulator refreshes {delta.get('refresh_grants', 0)}, revoked {delta.get('grants_revoked', 0)}"
+    )
+    return 1 if problems else 0
 
 
 def _try(call: Callable[[], object]) -> bool:

@@ -47,9 +47,14 @@ LONG_RUNNING = (
 SHARED_ENV = (
     "AIRFLOW__CORE__FERNET_KEY",
     "AIRFLOW__API_AUTH__JWT_SECRET",
+    "AIRFLOW__API__SECRET_KEY",
     "AIRFLOW__PAPERTRAIL__TOKEN_ENCRYPTION_KEYS",
+    "AIRFLOW__PAPERTRAIL__REFRESH_COORDINATOR",
+    "AIRFLOW__PAPERTRAIL__COORDINATOR_URL",
     "AIRFLOW__CORE__EXECUTION_API_SERVER_URL",
     "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN",
+    "AIRFLOW__CELERY__BROKER_URL",
+    "AIRFLOW__CELERY__RESULT_BACKEND",
     "AIRFLOW_CONN_PAPERTRAIL_DEFAULT",
 )
 # ${VAR}, ${VAR:-default}, ${VAR-default}, ${VAR:?err}; "$$" is an escaped literal "$".
@@ -99,8 +104,15 @@ def test_airflow_components_share_secrets_and_urls():
     reference = _env_of(services["airflow-apiserver"])
     assert reference["AIRFLOW__CORE__FERNET_KEY"] == "${AIRFLOW_FERNET_KEY}"
     assert reference["AIRFLOW__API_AUTH__JWT_SECRET"] == "${AIRFLOW_JWT_SECRET}"
+    # the api-server reads task logs from a worker's log server with tokens signed by [api] secret_key
+    assert reference["AIRFLOW__API__SECRET_KEY"] == "${AIRFLOW_API_SECRET_KEY}"
     assert reference["AIRFLOW__PAPERTRAIL__TOKEN_ENCRYPTION_KEYS"] == "${PAPERTRAIL_TOKEN_ENCRYPTION_KEYS}"
     assert reference["AIRFLOW__CORE__EXECUTION_API_SERVER_URL"] == "http://airflow-apiserver:8080/execution/"
+    # refreshes serialized by the api-server only, at an address the workers reach
+    assert reference["AIRFLOW__PAPERTRAIL__REFRESH_COORDINATOR"] == "api-server"
+    assert reference["AIRFLOW__PAPERTRAIL__COORDINATOR_URL"] == "http://airflow-apiserver:8080/papertrail/token"
+    # Celery's result backend on the metadata PostgreSQL with the installed driver (psycopg2)
+    assert reference["AIRFLOW__CELERY__RESULT_BACKEND"].startswith("db+postgresql+psycopg2://")
     assert reference["AIRFLOW__CORE__LOAD_EXAMPLES"] == "False"
     assert reference["AIRFLOW__API__BASE_URL"] == "http://localhost:8080"
     for name in AIRFLOW_COMPONENTS:
@@ -274,6 +286,61 @@ def test_loopback_forwarder_forwards_http():
         proc.terminate()
         proc.wait(timeout=5)
         upstream.shutdown()
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def test_proof_emulator_runs_the_compose_command_with_an_admin_port():
+    """docker/proof_emulator.py (local-proof.sh --celery) runs the emulator service's own command
+    line, and its admin port reports the counters and expires access tokens."""
+    service = _compose()["services"]["papertrail-emulator"]
+    command = _interpolate(" ".join(str(c) for c in service["command"]), _env_example()).split()
+    port, admin_port = _free_port(), _free_port()
+    for flag, value in (("--host", "127.0.0.1"), ("--port", str(port))):
+        command[command.index(flag) + 1] = value
+    env = {**os.environ, **_compose_env_example_interpolated(service)}
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            str(DOCKER / "proof_emulator.py"),
+            "--admin-host",
+            "127.0.0.1",
+            "--admin-port",
+            str(admin_port),
+            *command,
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
+    try:
+        lines = [proc.stdout.readline() for _ in range(2)]
+        assert any("admin listening" in line for line in lines), lines
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=5) as resp:
+            assert json.load(resp) == {"status": "ok"}
+        with urllib.request.urlopen(f"http://127.0.0.1:{admin_port}/stats", timeout=5) as resp:
+            stats = json.load(resp)
+        assert stats["refresh_grants"] == 0 and "grants_revoked" in stats
+        request = urllib.request.Request(f"http://127.0.0.1:{admin_port}/expire-access-tokens", data=b"", method="POST")
+        with urllib.request.urlopen(request, timeout=5) as resp:
+            assert json.load(resp) == {"expired": 0}
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+
+
+def test_refresh_proof_dag_matches_the_script():
+    """local-proof.sh --celery expects as many mapped tasks as docker/papertrail_refresh_proof.py makes."""
+    script = (DOCKER / "local-proof.sh").read_text()
+    dag = (DOCKER / "papertrail_refresh_proof.py").read_text()
+    assert re.search(r"^REFRESH_DAG=papertrail_refresh_proof$", script, re.M)
+    assert 'dag_id="papertrail_refresh_proof"' in dag
+    tasks = re.search(r"^REFRESH_TASKS=(\d+)", script, re.M)
+    assert tasks and f"TASKS = {tasks.group(1)}\n" in dag
 
 
 def _compose_tool() -> list[str] | None:
