@@ -8,7 +8,9 @@
                                    # compat suite on the newest Airflow 3.2.x, then the unit
                                    # suite on the other supported Pythons found here
     python3 scripts/dev.py compat  # only the compat suite (unit, dag.test, real-triggerer E2E)
-    python3 scripts/dev.py versions  # the compat suite, then the other Pythons' unit suites
+    python3 scripts/dev.py versions  # the compat suite, the scale-out suite, then the other
+                                     # Pythons' unit suites
+    python3 scripts/dev.py scaleout  # only the scale-out suite (Celery topology, needs root)
     python3 scripts/dev.py build   # wheel + sdist into dist/, checked by twine
 
 Needs only Python 3.10-3.13 and pip: uv is installed into .tools/ when it is not on PATH,
@@ -194,12 +196,39 @@ def run_other_pythons() -> list[str]:
     return failures
 
 
+#: Enables the scale-out topology tests (tests/scaleout/conftest.py).
+SCALEOUT_ENV = "PAPERTRAIL_SCALEOUT"
+
+
+def run_scaleout(pytest_args: list[str] | None = None) -> int:
+    """The scale-out suite (issue 11): one CeleryExecutor topology (PostgreSQL, Redis, 2 api-servers
+    behind nginx, 3 Celery workers in mount namespaces of their own) for every test in
+    tests/scaleout. Needs root, PostgreSQL, redis-server and nginx (.ci/run installs them)."""
+    # Beside the main suite (dev.py test), .venv was just synced by the parent: no second sync.
+    env = dict(os.environ) if os.environ.get("VIRTUAL_ENV") == str(VENV) else bootstrap()
+    env[SCALEOUT_ENV] = "1"
+    py = str(VENV / BIN / "python")
+    cmd = [py, "-m", "pytest", *(pytest_args or ["tests/scaleout", "-p", "no:cacheprovider", "--durations=15"])]
+    return run_step("scale-out suite (Celery topology)", cmd, env)
+
+
+def cmd_scaleout(args: argparse.Namespace) -> int:
+    rc = run_scaleout(args.pytest_args)
+    say("scale-out suite passed" if rc == 0 else "scale-out suite FAILED")
+    return 0 if rc == 0 else 1
+
+
 def cmd_versions(args: argparse.Namespace) -> int:
-    """The Airflow 3.2.x suite, then the other Pythons' unit suites (what ``test`` runs beside the main suite)."""
+    """The Airflow 3.2.x suite, the scale-out suite, then the other Pythons' unit suites (what ``test``
+    runs beside the main suite)."""
     failures = []
     rc = run_compat([])
     if rc != 0:
         failures.append("compat (Airflow 3.2)" + (" (no tests)" if rc == 5 else ""))
+    started = time.monotonic()
+    if run_scaleout() != 0:
+        failures.append("scale-out suite")
+    say(f"scale-out suite: {time.monotonic() - started:.0f} s")
     failures.extend(run_other_pythons())
     if failures:
         say("FAILED: " + ", ".join(failures))
@@ -592,8 +621,15 @@ def main(argv: list[str] | None = None) -> int:
     compat = sub.add_parser("compat", help="unit, dag.test and real-triggerer suites on the newest Airflow 3.2.x")
     compat.add_argument("pytest_args", nargs="*", help="pytest arguments instead of the default test paths")
     compat.set_defaults(func=cmd_compat)
-    versions = sub.add_parser("versions", help="the Airflow 3.2.x suite, then the other Pythons' unit suites")
+    versions = sub.add_parser(
+        "versions", help="the Airflow 3.2.x suite, the scale-out suite, then the other Pythons' unit suites"
+    )
     versions.set_defaults(func=cmd_versions)
+    scaleout = sub.add_parser(
+        "scaleout", help="only the scale-out suite (Celery topology; root, PostgreSQL, Redis, nginx)"
+    )
+    scaleout.add_argument("pytest_args", nargs="*", help="pytest arguments instead of the default test path")
+    scaleout.set_defaults(func=cmd_scaleout)
     demo = sub.add_parser("demo", help="a local Airflow with the provider and the Papertrail-ai emulator")
     demo.add_argument("--port", type=int, default=8080)
     demo.add_argument("--emulator-port", type=int, default=8443)

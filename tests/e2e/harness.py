@@ -23,6 +23,7 @@ import contextlib
 import json
 import logging
 import os
+import random
 import re
 import secrets
 import signal
@@ -86,11 +87,39 @@ class ApiError(HarnessError):
 # small helpers
 
 
+_HANDED_OUT: set[int] = set()
+
+
+def _ephemeral_range() -> tuple[int, int]:
+    try:
+        low, high = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
+        return int(low), int(high)
+    except (OSError, ValueError):
+        return 32768, 60999
+
+
 def free_port() -> int:
-    """A TCP port that was free on 127.0.0.1 a moment ago."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    """A TCP port that was free on 127.0.0.1 a moment ago, below the kernel's ephemeral range.
+
+    A port the kernel hands out for outgoing connections (``bind(0)`` picks from that range too)
+    can be taken by any client's socket between this call and the server's bind: a topology with a
+    dozen processes making connections hit that ("address already in use"). Ports below the range
+    are only ever taken by a server that asks for them."""
+    low, _ = _ephemeral_range()
+    rng = random.SystemRandom()
+    for _ in range(200):  # bounded
+        port = rng.randrange(15000, low) if low > 15100 else 0
+        if port in _HANDED_OUT:
+            continue
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            port = int(s.getsockname()[1])
+        _HANDED_OUT.add(port)
+        return port
+    raise HarnessError("no free TCP port found on 127.0.0.1")
 
 
 @contextlib.contextmanager

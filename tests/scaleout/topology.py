@@ -50,6 +50,7 @@ import time
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
 
+import psutil
 import requests
 
 from tests.conftest import append_captured, remember_secrets
@@ -181,11 +182,16 @@ class ScaleoutTopology(AirflowApi):
         self.worker_concurrency = worker_concurrency
         self.api_server_count = api_servers
         self.proxy_read_timeout = proxy_read_timeout
+        self.coordinator_read_timeout = proxy_read_timeout
+        self.killed: set[str] = set()
         self.start_timeout = start_timeout
         self.keep = bool(os.environ.get(KEEP_ENV)) if keep is None else keep
         self.root = Path(root) if root is not None else Path(tempfile.mkdtemp(prefix="papertrail-scaleout-"))
         self.root.mkdir(parents=True, exist_ok=True)
         self.log_dir = self.root / "logs"
+        #: One directory every worker sees at the same path (a shared mount, as NFS would be):
+        #: where DAGs that write files from several workers put them (``base_path``).
+        self.shared_dir = self.root / "shared"
         self.control_home = self.root / "control"
         self.proxy_port = free_port()
         self.api_ports = [free_port() for _ in range(api_servers)]
@@ -268,6 +274,10 @@ class ScaleoutTopology(AirflowApi):
                 "AIRFLOW__DAG_PROCESSOR__PARSING_PROCESSES": "1",
                 # see tests/e2e/harness.py: the supervisor notices its task's exit sooner
                 "AIRFLOW__WORKERS__MIN_HEARTBEAT_INTERVAL": "1",
+                # A worker killed with its tasks: the scheduler fails them (and retries them on
+                # another worker) after 30 s without a heartbeat instead of Airflow's 300 s.
+                "AIRFLOW__SCHEDULER__TASK_INSTANCE_HEARTBEAT_TIMEOUT": "30",
+                "AIRFLOW__SCHEDULER__TASK_INSTANCE_HEARTBEAT_TIMEOUT_DETECTION_INTERVAL": "3",
             }
         )
         env.update(self.extra_env)
@@ -328,7 +338,7 @@ class ScaleoutTopology(AirflowApi):
     def check_running(self) -> None:
         """Raise if a component has exited (with the end of its output)."""
         for name, proc in self.procs.items():
-            if proc.poll() is not None:
+            if name not in self.killed and proc.poll() is not None:
                 raise HarnessError(f"{name} exited with {proc.returncode}:\n{self.log_tail(names=[name], chars=6000)}")
 
     def pids(self) -> list[int]:
@@ -359,7 +369,7 @@ class ScaleoutTopology(AirflowApi):
         return max(1.0, self.start_timeout - (time.monotonic() - started))
 
     def _start(self, started: float) -> None:
-        for folder in (self.log_dir, self.control_home, self.root / "redis", self.root / "nginx"):
+        for folder in (self.log_dir, self.control_home, self.root / "redis", self.root / "nginx", self.shared_dir):
             folder.mkdir(parents=True, exist_ok=True)
         bindir = find_bindir()
         assert bindir is not None
@@ -393,8 +403,7 @@ class ScaleoutTopology(AirflowApi):
         self.timings["migrate_s"] = time.monotonic() - started
 
         for n, port in enumerate(self.api_ports, start=1):
-            env = self._home_env(self.control_home, AIRFLOW__API__HOST="127.0.0.1", AIRFLOW__API__PORT=str(port))
-            self._spawn(f"api-server-{n}", [str(BIN / "airflow"), "api-server"], env, self.control_home)
+            self._spawn_api_server(f"api-server-{n}", port)
         for name in ("scheduler", "dag-processor", "triggerer"):
             env = self._home_env(
                 self.control_home,
@@ -433,6 +442,10 @@ class ScaleoutTopology(AirflowApi):
             message=lambda: f"Celery workers not all answering a ping:\n{self.log_tail(names=self.worker_names)}",
         )
         self.timings["workers_ready_s"] = time.monotonic() - started
+
+    def _spawn_api_server(self, name: str, port: int) -> None:
+        env = self._home_env(self.control_home, AIRFLOW__API__HOST="127.0.0.1", AIRFLOW__API__PORT=str(port))
+        self._spawn(name, [str(BIN / "airflow"), "api-server"], env, self.control_home)
 
     def _healthy_or_crashed(self) -> bool:
         self.check_running()
@@ -502,7 +515,14 @@ class ScaleoutTopology(AirflowApi):
 
     def _start_nginx(self) -> None:
         prefix = self.root / "nginx"
+        self._write_nginx_conf()
+        conf = prefix / "nginx.conf"
+        self._spawn("nginx", [NGINX, "-p", str(prefix), "-c", str(conf), "-g", "daemon off;"], self.env, prefix)
+
+    def _write_nginx_conf(self) -> None:
+        prefix = self.root / "nginx"
         servers = "\n".join(f"        server 127.0.0.1:{port};" for port in self.api_ports)
+        coordinator_servers = "\n".join(f"        server 127.0.0.1:{port} max_fails=0;" for port in self.api_ports)
         conf = prefix / "nginx.conf"
         conf.write_text(
             f"""
@@ -511,7 +531,9 @@ pid {prefix}/nginx.pid;
 error_log {prefix}/error.log warn;
 events {{ worker_connections 1024; }}
 http {{
-    log_format upstream '$remote_addr "$request" $status upstream=$upstream_addr rt=$request_time';
+    # $uri, not $request: the query of /papertrail/callback carries the authorization code and
+    # the state (docs/scaling-out.md asks the same of every proxy in front of the api-server)
+    log_format upstream '$remote_addr "$request_method $uri $server_protocol" $status upstream=$upstream_addr rt=$request_time';
     access_log {prefix}/access.log upstream;
     client_body_temp_path {prefix}/body;
     proxy_temp_path {prefix}/proxy;
@@ -523,6 +545,14 @@ http {{
     upstream airflow {{
 {servers}
     }}
+    # The coordinator's own group, max_fails=0: nginx counts every timeout as a failed attempt
+    # (whatever proxy_next_upstream says), and after one (max_fails=1, fail_timeout=10s) takes
+    # the replica out of its group for 10 s. A coordinator request that outlives a short
+    # proxy_read_timeout would then take healthy replicas away from the Execution API too
+    # (seen: "502 upstream=airflow", no live replica, task heartbeats refused).
+    upstream papertrail_coordinator {{
+{coordinator_servers}
+    }}
     server {{
         listen 127.0.0.1:{self.proxy_port};
         location / {{
@@ -533,11 +563,101 @@ http {{
             proxy_read_timeout {self.proxy_read_timeout}s;
             proxy_next_upstream error;
         }}
+        # the refresh coordinator, with a read timeout of its own (a test may shorten it)
+        location = /papertrail/token {{
+            proxy_pass http://papertrail_coordinator;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+            proxy_set_header Host $http_host;
+            proxy_read_timeout {self.coordinator_read_timeout}s;
+            proxy_next_upstream error;
+        }}
     }}
 }}
 """
         )
-        self._spawn("nginx", [NGINX, "-p", str(prefix), "-c", str(conf), "-g", "daemon off;"], self.env, prefix)
+
+    def reload_proxy(self, *, coordinator_read_timeout: float | None = None, timeout: float = 30.0) -> None:
+        """Rewrite nginx's configuration and reload it (``SIGHUP``, as ``nginx -s reload``);
+        returns once the old worker process has been replaced."""
+        self.coordinator_read_timeout = (
+            self.proxy_read_timeout if coordinator_read_timeout is None else coordinator_read_timeout
+        )
+        self._write_nginx_conf()
+        master = psutil.Process(self.procs["nginx"].pid)
+        old = {p.pid for p in master.children()}
+        master.send_signal(signal.SIGHUP)
+
+        def replaced() -> bool:
+            self.check_running()
+            now = {p.pid for p in master.children() if p.status() != psutil.STATUS_ZOMBIE}
+            return bool(now) and not (now & old)
+
+        wait_until(
+            replaced, timeout, interval=0.1, message=lambda: f"nginx never reloaded:\n{self.log_tail(names=['nginx'])}"
+        )
+        self._wait_http(f"{self.base_url}/api/v2/monitor/health", "nginx", time.monotonic())
+
+    # -- faults ------------------------------------------------------------------------------------
+
+    def process_tree(self, name: str) -> list[psutil.Process]:
+        """A component's process and every process under it."""
+        root = psutil.Process(self.procs[name].pid)
+        return [root, *root.children(recursive=True)]
+
+    def kill(self, name: str) -> list[int]:
+        """SIGKILL a component and every process under it at once, as a host losing power would
+        (a worker's private tmpfs mounts go with its namespace). Returns the pids killed."""
+        tree = self.process_tree(name)
+        self.killed.add(name)
+        for proc in tree:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                proc.send_signal(signal.SIGKILL)
+        _, alive = psutil.wait_procs(tree, timeout=30)
+        if alive:
+            raise HarnessError(f"{name}: processes survived SIGKILL: {[p.pid for p in alive]}")
+        self.procs[name].wait(timeout=10)
+        return [p.pid for p in tree]
+
+    def restart(self, name: str, timeout: float = 240.0) -> None:
+        """Start a killed component again (a fresh host for a worker: new namespace, empty /tmp)."""
+        if name not in self.killed:
+            raise HarnessError(f"{name} was not killed")
+        started = time.monotonic()
+        deadline = started + timeout
+        if name in self.worker_names:
+            self._start_worker(name)
+            self.killed.discard(name)
+            wait_until(
+                self._workers_answer,
+                max(1.0, deadline - time.monotonic()),
+                interval=0.5,
+                message=lambda: f"{name} never answered a ping again:\n{self.log_tail(names=[name])}",
+            )
+        elif name.startswith("api-server-"):
+            port = self.api_ports[int(name.rsplit("-", 1)[1]) - 1]
+            self._spawn_api_server(name, port)
+            self.killed.discard(name)
+            start = time.monotonic() - (self.start_timeout - timeout)  # _wait_http's budget = timeout
+            self._wait_http(f"http://127.0.0.1:{port}/api/v2/monitor/health", name, start)
+            self._wait_http(f"http://127.0.0.1:{port}/execution/health", name, start)
+        else:
+            raise HarnessError(f"restart() knows workers and api-servers, not {name}")
+        self.timings[f"restart_{name}_s"] = time.monotonic() - started
+
+    def api_server_talking_to(self, port: int) -> str | None:
+        """The api-server replica with an open TCP connection to ``127.0.0.1:port`` (e.g. the
+        one whose token request the emulator is holding), or None."""
+        for n in range(1, self.api_server_count + 1):
+            name = f"api-server-{n}"
+            if name in self.killed:
+                continue
+            for proc in self.process_tree(name):
+                with contextlib.suppress(psutil.NoSuchProcess):
+                    for c in proc.net_connections(kind="tcp"):
+                        if c.raddr and c.raddr.port == port and c.status == psutil.CONN_ESTABLISHED:
+                            return name
+        return None
 
     def _start_worker(self, name: str) -> None:
         home = self.worker_home(name)
@@ -558,7 +678,9 @@ http {{
             "--without-gossip",
             "--without-mingle",
         ]
-        argv = private_host_argv(name, home=home, root=self.root, hosts=hosts, command=worker, code=[self.dags_folder])
+        argv = private_host_argv(
+            name, home=home, root=self.root, hosts=hosts, command=worker, code=[self.dags_folder, self.shared_dir]
+        )
         self._spawn(name, argv, env, REPO)
 
     def _workers_answer(self) -> bool:
@@ -664,6 +786,25 @@ http {{
         if proc.returncode != 0:
             raise HarnessError(f"python {' '.join(args)} exited {proc.returncode}:\n{proc.stderr[-4000:]}")
         return proc
+
+    def proxy_requests(self, path_prefix: str = "") -> list[dict[str, str]]:
+        """The proxied requests so far (for paths starting with ``path_prefix``), oldest first:
+        ``{"method", "path", "status", "upstream"}`` from nginx's access log."""
+        found: list[dict[str, str]] = []
+        if not self.proxy_access_log.exists():
+            return found
+        for line in self.proxy_access_log.read_text(errors="replace").splitlines():
+            try:
+                method, target = line.split('"', 2)[1].split(" ")[:2]
+                status = line.split('"', 2)[2].split()[0]
+            except (IndexError, ValueError):
+                continue
+            path = target.split("?", 1)[0]
+            if not path.startswith(path_prefix):
+                continue
+            upstream = line.split("upstream=", 1)[1].split(" ", 1)[0] if "upstream=" in line else ""
+            found.append({"method": method, "path": path, "status": status, "upstream": upstream})
+        return found
 
     def upstreams_used(self, path_prefix: str = "") -> dict[str, int]:
         """How many proxied requests (for paths starting with ``path_prefix``) each api-server replica served."""

@@ -4,8 +4,9 @@ Every task reports where it ran (hostname), the grant generation it ended with, 
 in its /tmp: it leaves a marker file there and lists the markers of this run, so the test can
 show that tasks on one worker never see another worker's /tmp.
 
-``conf.coordinator`` (optional) overrides ``[papertrail] refresh_coordinator`` inside the task
-(``local``: the per-machine flock fallback), for the negative control.
+``conf`` (all optional): ``coordinator`` overrides ``[papertrail] refresh_coordinator`` inside
+the task (``local``: the per-machine flock fallback), for the negative control;
+``conn_ids`` and ``tasks_per_connection`` size the run (default: all 4 x 16), for the fault tests.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ CONNECTIONS = [f"papertrail_scaleout_{n}" for n in range(4)]
 TASKS_PER_CONNECTION = 16
 
 
-@task(retries=1, retry_delay=timedelta(seconds=2))
+@task(retries=3, retry_delay=timedelta(seconds=2))
 def use_token(conn_id: str, i: int) -> dict:
     ctx = get_current_context()
     conf = ctx["dag_run"].conf or {}
@@ -58,6 +59,14 @@ def use_token(conn_id: str, i: int) -> dict:
     }
 
 
+@task
+def plan() -> list[dict]:
+    conf = get_current_context()["dag_run"].conf or {}
+    conn_ids = conf.get("conn_ids") or CONNECTIONS
+    per_connection = int(conf.get("tasks_per_connection") or TASKS_PER_CONNECTION)
+    return [{"conn_id": conn_id, "i": i} for conn_id in conn_ids for i in range(per_connection)]
+
+
 @dag(
     dag_id="papertrail_scaleout",
     schedule=None,
@@ -66,7 +75,7 @@ def use_token(conn_id: str, i: int) -> dict:
     max_active_tasks=len(CONNECTIONS) * TASKS_PER_CONNECTION,
 )
 def papertrail_scaleout():
-    use_token.expand(conn_id=CONNECTIONS, i=list(range(TASKS_PER_CONNECTION)))
+    use_token.expand_kwargs(plan())
 
 
 papertrail_scaleout()
