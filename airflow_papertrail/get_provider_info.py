@@ -159,9 +159,9 @@ def get_provider_info() -> dict[str, Any]:
                     "refresh_coordinator": {
                         "description": "Who serializes token refreshes: 'auto' (the api-server plugin; one "
                         "refresh at a time per machine only when no coordinator can exist: the connection is "
-                        "refused, or the api-server has no such route, as under dag.test(); and only when "
-                        "[core] executor runs every task on one machine: LocalExecutor, SequentialExecutor, "
-                        "DebugExecutor), 'api-server' "
+                        "refused, or the api-server has no such route, as under dag.test(); and only where "
+                        "every task runs on this machine: [core] executor LocalExecutor, a loopback "
+                        "coordinator URL, not a KubernetesExecutor pod), 'api-server' "
                         "(required; workers fail rather than refresh alone) or 'local' (per machine only: "
                         "single-machine setups).",
                         "version_added": "0.1.0",

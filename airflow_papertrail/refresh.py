@@ -82,7 +82,15 @@ NO_ROUTE_ANSWERS = {404: {"detail": "Not Found"}, 405: {"detail": "Method Not Al
 
 
 class CoordinatorUnavailable(PapertrailError):
-    """No api-server plugin answered (nothing was sent, or the route does not exist)."""
+    """No api-server plugin answered (nothing was sent, or the route does not exist).
+
+    ``refused``: the connection was refused (an api-server or proxy down or restarting: a retry
+    may succeed); otherwise no coordinator URL is configured or the api-server has no such route
+    (a configuration to fix)."""
+
+    def __init__(self, message: str, *, refused: bool = False) -> None:
+        super().__init__(message)
+        self.refused = refused
 
 
 #: Lost refresh answers in a row after which the grant needs consent again (see
@@ -612,20 +620,28 @@ def get_valid_token(
                     f"the token refresh coordinator is unavailable: {exc}. [papertrail] refresh_coordinator = "
                     "api-server forbids refreshing on this machine: make the api-server reachable from this worker "
                     "([papertrail] coordinator_url, else [core] execution_api_server_url) with "
-                    "airflow-provider-papertrail installed there, or set refresh_coordinator = auto"
+                    "airflow-provider-papertrail installed there, or (only if every task runs on this one machine) "
+                    "set refresh_coordinator = local"
                 ) from None
-            remote = remote_executors(str(conf.get("core", "executor", fallback="") or ""))
-            if remote:
-                # Tasks of these executors may run on several machines at once: the per-machine lock
-                # would serialize this machine only, and a refresh here could present the refresh token
-                # another machine is presenting (a rotating server then revokes the grant).
-                raise TransientOAuthError(
-                    f"the token refresh coordinator is unavailable: {exc}. [core] executor = {', '.join(remote)} "
-                    "may run tasks on several machines, so refresh_coordinator = auto does not refresh on this "
-                    "one (it would not be serialized with the others): make the api-server reachable from this "
-                    "worker ([papertrail] coordinator_url, else [core] execution_api_server_url) with "
-                    "airflow-provider-papertrail installed there, then retry the task. Only if every task of "
-                    "this deployment runs on this one machine, set refresh_coordinator = local"
+            why = local_fallback_refusal(str(conf.get("core", "executor", fallback="") or ""), coordinator_url())
+            if why is not None:
+                # Tasks may run on several machines: the per-machine lock would serialize this one only,
+                # and a refresh here could present the refresh token another machine is presenting (a
+                # rotating server then revokes the grant).
+                message = (
+                    f"the token refresh coordinator is unavailable: {exc}. refresh_coordinator = auto does not "
+                    f"refresh on this machine because {why} (a refresh here would not be serialized with the "
+                    "others): make the api-server reachable from this worker ([papertrail] coordinator_url, else "
+                    "[core] execution_api_server_url) with airflow-provider-papertrail installed there"
+                )
+                if exc.refused:
+                    raise TransientOAuthError(
+                        message + ", then retry the task. Only if every task of this deployment runs on this one "
+                        "machine (e.g. dag.test() without an api-server), set refresh_coordinator = local"
+                    ) from None
+                raise PapertrailConfigurationError(
+                    message + ". Only if every task of this deployment runs on this one machine (e.g. dag.test() "
+                    "without an api-server), set refresh_coordinator = local"
                 ) from None
             log.info("No Papertrail-ai refresh coordinator reachable (%s); refreshing on this machine.", exc)
     return _locally(hook, stored, force_refresh, renew=renew)
@@ -633,19 +649,54 @@ def get_valid_token(
 
 #: Executors whose tasks all run on the machine of the scheduler that started them, where the
 #: per-machine lock serializes every refresh: ``auto`` may fall back to it under these only.
+#: (SequentialExecutor and DebugExecutor are Airflow 2 names, kept for configurations carried over.)
 SINGLE_MACHINE_EXECUTORS = frozenset({"LocalExecutor", "SequentialExecutor", "DebugExecutor"})
 
 
 def remote_executors(setting: str) -> list[str]:
-    """The executors named in ``[core] executor`` (a comma-separated list of names, module paths
-    or ``alias:path`` entries) that may run tasks on other machines: all but
-    :data:`SINGLE_MACHINE_EXECUTORS`. Empty (no executor configured) means this machine only."""
-    found = []
-    for entry in setting.split(","):
-        name = entry.strip().rsplit(":", 1)[-1].rsplit(".", 1)[-1].strip()
-        if name and name not in SINGLE_MACHINE_EXECUTORS:
-            found.append(name)
+    """The executors named in ``[core] executor`` that may run tasks on other machines: all but
+    :data:`SINGLE_MACHINE_EXECUTORS`. Airflow 3.3's format: ``global_list;team=list``, each list
+    comma-separated names, module paths or ``alias:path`` entries (a leading ``=`` names the
+    global list). Empty (no executor configured) means this machine only."""
+    found: list[str] = []
+    for part in setting.split(";"):
+        executors = part.split("=", 1)[-1]  # "team1=CeleryExecutor" -> "CeleryExecutor"
+        for entry in executors.split(","):
+            name = entry.strip().rsplit(":", 1)[-1].rsplit(".", 1)[-1].strip()
+            if name and name not in SINGLE_MACHINE_EXECUTORS and name not in found:
+                found.append(name)
     return found
+
+
+def _loopback(host: str) -> bool:
+    import ipaddress
+
+    if host.lower() == "localhost" or host.lower().endswith(".localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def local_fallback_refusal(executor_setting: str, url: str | None) -> str | None:
+    """Why ``refresh_coordinator = auto`` must not refresh on this machine when no coordinator
+    answered (its tasks may run on several machines), or None when it may (one machine: dag.test(),
+    a laptop, LocalExecutor with the api-server beside it).
+
+    Three signs of several machines, each enough: an executor that runs tasks elsewhere in
+    ``[core] executor``; a KubernetesExecutor pod (Airflow sets ``AIRFLOW_IS_K8S_EXECUTOR_POD``;
+    the official chart's pod template says ``LocalExecutor``, so the setting alone would miss it);
+    a coordinator URL on another host (the api-server is a machine of its own)."""
+    remote = remote_executors(executor_setting)
+    if remote:
+        return f"[core] executor = {', '.join(remote)} may run tasks on several machines"
+    if os.environ.get("AIRFLOW_IS_K8S_EXECUTOR_POD"):  # as Airflow reads it: any value
+        return "this task runs in a KubernetesExecutor pod (AIRFLOW_IS_K8S_EXECUTOR_POD), one machine of many"
+    host = urlsplit(url).hostname if url else None
+    if host and not _loopback(host):
+        return f"the coordinator URL is on another machine ({host}), so this deployment has more than one"
+    return None
 
 
 def _via_api_server(hook: PapertrailHook, stored: StoredGrant, force: bool, *, renew: bool = False) -> Token:
@@ -668,7 +719,7 @@ def _via_api_server(hook: PapertrailHook, stored: StoredGrant, force: bool, *, r
         response = requests.post(url, json={"ticket": ticket}, timeout=(5, COORDINATOR_TIMEOUT), allow_redirects=False)
     except (requests.exceptions.ConnectionError, requests.exceptions.Timeout) as exc:
         if _refused(exc):
-            raise CoordinatorUnavailable(f"{url} refused the connection ({type(exc).__name__})") from None
+            raise CoordinatorUnavailable(f"{url} refused the connection ({type(exc).__name__})", refused=True) from None
         raise TransientOAuthError(
             f"the api-server's refresh coordinator did not answer ({type(exc).__name__}); the refresh, if it "
             "started, completes there and is stored: retry the task"

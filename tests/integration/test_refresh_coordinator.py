@@ -281,46 +281,80 @@ def test_an_api_server_without_the_route_falls_back_in_auto_mode(grant, monkeypa
     assert store.load().generation == stored.generation + 1
 
 
-def _refusing_url() -> str:
-    """A coordinator URL where nothing listens (a proxy or api-server restarting)."""
+def _refusing_url(host: str = "127.0.0.1") -> str:
+    """A coordinator URL where nothing listens (a proxy or api-server restarting); ``host`` names
+    127.0.0.1 (e.g. ``localhost``)."""
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    return f"http://127.0.0.1:{port}/papertrail/token"
+    return f"http://{host}:{port}/papertrail/token"
 
 
 @pytest.mark.parametrize(
-    ("executor", "local_refresh"),
+    ("executor", "host", "pod", "local_refresh"),
     [
-        pytest.param("LocalExecutor", True, id="local"),
-        pytest.param("", True, id="none-configured"),
-        pytest.param("CeleryExecutor", False, id="celery"),
-        pytest.param("LocalExecutor,CeleryExecutor", False, id="local-and-celery"),
+        pytest.param("LocalExecutor", "127.0.0.1", "", True, id="local"),
+        pytest.param("LocalExecutor", "localhost", "", True, id="local-localhost"),
+        pytest.param("", "127.0.0.1", "", True, id="none-configured"),
+        pytest.param("CeleryExecutor", "127.0.0.1", "", False, id="celery"),
+        pytest.param("LocalExecutor,CeleryExecutor", "127.0.0.1", "", False, id="local-and-celery"),
+        pytest.param("LocalExecutor;team_a=CeleryExecutor", "127.0.0.1", "", False, id="team-list"),
+        pytest.param("=LocalExecutor", "127.0.0.1", "", True, id="leading-equals"),
         pytest.param(
-            "airflow.providers.cncf.kubernetes.executors.kubernetes_executor.KubernetesExecutor", False, id="k8s-path"
+            "airflow.providers.cncf.kubernetes.executors.kubernetes_executor.KubernetesExecutor",
+            "127.0.0.1",
+            "",
+            False,
+            id="k8s-path",
         ),
-        pytest.param("edge:airflow.providers.edge3.executors.EdgeExecutor", False, id="alias"),
+        pytest.param("edge:airflow.providers.edge3.executors.EdgeExecutor", "127.0.0.1", "", False, id="alias"),
+        # the official chart's pod template says LocalExecutor; Airflow marks the pod itself
+        pytest.param("LocalExecutor", "127.0.0.1", "True", False, id="k8s-pod"),
     ],
 )
-def test_auto_refreshes_locally_on_a_refused_coordinator_only_under_a_single_machine_executor(
-    grant, monkeypatch, executor, local_refresh
+def test_auto_refreshes_locally_on_a_refused_coordinator_only_on_a_single_machine(
+    grant, monkeypatch, executor, host, pod, local_refresh
 ):
-    """A proxy restarting in front of the api-server refuses connections for a moment; under an
-    executor that runs tasks on several machines, refreshing on this one would not be serialized
-    with the others (docs/scaling-out.md, the negative control)."""
+    """A proxy restarting in front of the api-server refuses connections for a moment; where
+    tasks may run on several machines, refreshing on this one would not be serialized with the
+    others (docs/scaling-out.md, the negative control)."""
     emulator, store, stored, _ = grant
-    monkeypatch.setenv("AIRFLOW__PAPERTRAIL__COORDINATOR_URL", _refusing_url())
+    monkeypatch.setenv("AIRFLOW__PAPERTRAIL__COORDINATOR_URL", _refusing_url(host))
     monkeypatch.setenv("AIRFLOW__PAPERTRAIL__REFRESH_COORDINATOR", "auto")
     monkeypatch.setenv("AIRFLOW__CORE__EXECUTOR", executor)
+    monkeypatch.setenv("AIRFLOW_IS_K8S_EXECUTOR_POD", pod)
     if local_refresh:
         get_valid_token(PapertrailHook(CONN))
         assert emulator.stats["refresh_grants"] == 1
         assert store.load().generation == stored.generation + 1
         return
-    with pytest.raises(TransientOAuthError, match="may run tasks on several machines") as err:
+    with pytest.raises(TransientOAuthError, match="does not refresh on this machine") as err:
         get_valid_token(PapertrailHook(CONN))
     assert "refused the connection" in str(err.value) and "retry the task" in str(err.value)
     assert emulator.stats["refresh_grants"] == 0  # nothing presented from this machine
+    assert store.load().generation == stored.generation
+
+
+@pytest.mark.parametrize(
+    ("status", "payload"), [(404, b'{"detail":"Not Found"}'), (405, b'{"detail":"Method Not Allowed"}')]
+)
+def test_an_api_server_without_the_route_is_a_configuration_error_under_a_distributed_executor(
+    grant, monkeypatch, status, payload
+):
+    """No route (the provider missing on the api-server) is no reason to retry: it says what to fix."""
+    emulator, store, stored, _ = grant
+    fake = _FakeCoordinator(lambda body: (status, "application/json", payload))
+    try:
+        monkeypatch.setenv("AIRFLOW__PAPERTRAIL__COORDINATOR_URL", fake.url)
+        monkeypatch.setenv("AIRFLOW__PAPERTRAIL__REFRESH_COORDINATOR", "auto")
+        monkeypatch.setenv("AIRFLOW__CORE__EXECUTOR", "CeleryExecutor")
+        with pytest.raises(PapertrailConfigurationError, match="has no Papertrail-ai refresh route") as err:
+            get_valid_token(PapertrailHook(CONN))
+        assert "CeleryExecutor may run tasks on several machines" in str(err.value)
+        assert "retry the task" not in str(err.value)
+    finally:
+        fake.close()
+    assert emulator.stats["refresh_grants"] == 0
     assert store.load().generation == stored.generation
 
 
