@@ -196,6 +196,8 @@ def run_other_pythons() -> list[str]:
     return failures
 
 
+#: Port block of a test suite's servers (tests/e2e/harness.py free_port).
+PORTS_ENV = "PAPERTRAIL_TEST_PORTS"
 #: Enables the scale-out topology tests (tests/scaleout/conftest.py).
 SCALEOUT_ENV = "PAPERTRAIL_SCALEOUT"
 
@@ -247,6 +249,11 @@ def start_version_suites(env: dict[str, str]) -> tuple[subprocess.Popen[bytes], 
     :func:`finish_version_suites` prints."""
     child_env = dict(env)
     child_env["TMPDIR"] = tempfile.mkdtemp(prefix="papertrail-versions-")
+    # Servers of the two suites pick their ports from blocks of their own (tests/e2e/harness.py
+    # free_port), below the kernel's ephemeral range: a port one suite picked cannot be taken by
+    # the other before its server binds it.
+    env[PORTS_ENV] = "15000-23999"
+    child_env[PORTS_ENV] = "24000-32000"
     say(f"Airflow 3.2.x and other-Python suites: started beside the main suite (log: {VERSIONS_LOG.name})")
     with VERSIONS_LOG.open("wb") as log_file:
         proc = subprocess.Popen(

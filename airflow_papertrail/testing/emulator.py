@@ -870,7 +870,14 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             emulator._sleep(emulator.latency)
         if fault is not None:
             if fault.delay > 0:
-                emulator._sleep(fault.delay)
+                held = (endpoint, int(self.client_address[1]))
+                with emulator._lock:
+                    emulator._held.append(held)
+                try:
+                    emulator._sleep(fault.delay)
+                finally:
+                    with emulator._lock:
+                        emulator._held.remove(held)
             if fault.drop:
                 self._drop()
                 return
@@ -1004,6 +1011,7 @@ class PapertrailEmulator:
         self._access: dict[str, _AccessToken] = {}
         self._refresh: dict[str, _RefreshToken] = {}
         self._faults: dict[str, deque[_Fault]] = {name: deque() for name in FAULT_ENDPOINTS}
+        self._held: list[tuple[str, int]] = []  # (endpoint, client port) inside an injected delay
         self._issued: set[str] = set()
         self._writes: list[dict[str, Any]] = []
         self._api_params: list[dict[str, str]] = []
@@ -1229,6 +1237,12 @@ class PapertrailEmulator:
         fault = _Fault(status, retry_after, float(delay), drop, drop_after_processing, body, times, after_processing)
         with self._lock:
             self._faults[endpoint].append(fault)
+
+    def held_requests(self, endpoint: str) -> list[int]:
+        """The client (source) ports of the requests to ``endpoint`` being held by an injected
+        ``delay`` right now: which process sent a held request (its socket's local port)."""
+        with self._lock:
+            return [port for name, port in self._held if name == endpoint]
 
     def pending_faults(self, endpoint: str | None = None) -> int:
         """How many faulty answers are still queued (for one endpoint or all)."""

@@ -88,6 +88,9 @@ class ApiError(HarnessError):
 
 
 _HANDED_OUT: set[int] = set()
+#: ``first-last``: the ports :func:`free_port` picks from (set by dev.py per suite; default: from
+#: 15000 up to the kernel's ephemeral range).
+PORTS_ENV = "PAPERTRAIL_TEST_PORTS"
 
 
 def _ephemeral_range() -> tuple[int, int]:
@@ -106,9 +109,13 @@ def free_port() -> int:
     dozen processes making connections hit that ("address already in use"). Ports below the range
     are only ever taken by a server that asks for them."""
     low, _ = _ephemeral_range()
+    first, last = 15000, low - 1
+    block = os.environ.get(PORTS_ENV, "")  # dev.py gives each suite running side by side its own block
+    if block:
+        first, last = (int(x) for x in block.split("-", 1))
     rng = random.SystemRandom()
     for _ in range(200):  # bounded
-        port = rng.randrange(15000, low) if low > 15100 else 0
+        port = rng.randint(first, last) if last - first > 100 else 0
         if port in _HANDED_OUT:
             continue
         with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:

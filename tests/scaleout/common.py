@@ -49,6 +49,17 @@ print(json.dumps(out))
 """
 
 
+def example_extract_many_dag() -> str:
+    """The shipped ``papertrail_extract_many``, unscheduled, its retries 2 s apart instead of 5 min:
+    with retries kept, "the dead organisation's tasks failed on their first try" shows that the
+    re-authorization error is not retried."""
+    text = (EXAMPLE_DAGS / "papertrail_extract_many.py").read_text()
+    for old, new in (('schedule="@daily"', "schedule=None"), ("timedelta(minutes=5)", "timedelta(seconds=2)")):
+        assert text.count(old) == 1, f"the example DAG no longer has {old}"
+        text = text.replace(old, new)
+    return text
+
+
 def example_extract_dag(name: str = "papertrail_extract") -> str:
     """A shipped example extract DAG, unscheduled and without retries: unpausing it must not start
     a daily run of its own (max_active_runs=1 would queue ours behind it), and a failure is final."""

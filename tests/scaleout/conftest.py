@@ -32,6 +32,7 @@ from tests.scaleout.common import (
     SCALEOUT_DIR,
     TIMINGS,
     example_extract_dag,
+    example_extract_many_dag,
 )
 from tests.scaleout.topology import ScaleoutTopology, missing_prerequisites, topology_config
 
@@ -101,7 +102,7 @@ def topology(emulator, tmp_path_factory, request):
     for source in (SCALEOUT_DIR / "dags").glob("*.py"):
         shutil.copy(source, dags / source.name)
     (dags / "papertrail_extract.py").write_text(example_extract_dag())
-    (dags / "papertrail_extract_many.py").write_text(example_extract_dag("papertrail_extract_many"))
+    (dags / "papertrail_extract_many.py").write_text(example_extract_many_dag())
     shutil.copy(EXAMPLE_DAGS / "papertrail_authorize.py", dags / "papertrail_authorize.py")
     topo = ScaleoutTopology(dags, encryption_key=KEY)
     try:

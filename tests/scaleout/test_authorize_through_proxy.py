@@ -4,8 +4,7 @@ The connection's redirect URI is the proxy's ``/papertrail/callback``. The shipp
 ``papertrail_authorize`` DAG runs on the Celery workers and defers; the person's consent at the
 emulator sends the browser (here ``requests``) back through the proxy to whichever replica nginx
 picks; the triggerer redeems the code. The grant is stored once, and the same callback replayed
-straight to the other replica is refused: state and code are one-use across replicas because
-they live in the shared metadata DB, not in a replica's memory.
+straight to the other replica (after the redemption) is refused with nothing changed.
 """
 
 from __future__ import annotations

@@ -129,19 +129,36 @@ def test_the_per_machine_fallback_does_not_serialize_across_workers(topology, em
     # connection start on the other workers (the race a shared /tmp lock would have hidden).
     emulator.inject("token", delay=3.0, times=len(CONNECTIONS) * topo.worker_count)
     started = time.monotonic()
-    run_id = topo.trigger(DAG_ID, conf={"coordinator": "local"})
+    try:
+        run_id = topo.trigger(DAG_ID, conf={"coordinator": "local"})
 
-    def reuse_seen_or_finished() -> bool:
-        revoked = emulator.stats["grants_revoked"] > before.get("grants_revoked", 0)
-        return revoked or topo.dag_run(DAG_ID, run_id)["state"] in {"success", "failed"}
+        def reuse_seen_or_finished() -> bool:
+            revoked = emulator.stats["grants_revoked"] > before.get("grants_revoked", 0)
+            return revoked or topo.dag_run(DAG_ID, run_id)["state"] in {"success", "failed"}
 
-    wait_until(reuse_seen_or_finished, 900, interval=0.5, message="no reuse and the run never finished")
-    # Once a grant is revoked the rest of the run proves nothing more: end it (CI budget).
-    if topo.dag_run(DAG_ID, run_id)["state"] not in {"success", "failed"}:
-        topo.request("PATCH", f"/api/v2/dags/{DAG_ID}/dagRuns/{run_id}", json={"state": "failed"})
-    topo.wait_for_run(DAG_ID, run_id, timeout=300)
-    TIMINGS["negative control run (s)"] = round(time.monotonic() - started, 1)
-    emulator.clear_faults()
+        wait_until(reuse_seen_or_finished, 900, interval=0.5, message="no reuse and the run never finished")
+        # Once a grant is revoked the rest of the run proves nothing more: end it (CI budget), and
+        # wait until none of its tasks is left running: a local-mode task still refreshing would
+        # send token requests into the tests after this one.
+        if topo.dag_run(DAG_ID, run_id)["state"] not in {"success", "failed"}:
+            topo.request("PATCH", f"/api/v2/dags/{DAG_ID}/dagRuns/{run_id}", json={"state": "failed"})
+        topo.wait_for_run(DAG_ID, run_id, timeout=300)
+        wait_until(
+            lambda: (
+                not topo.task_processes()
+                and not [
+                    ti
+                    for ti in topo.task_instances(DAG_ID, run_id)
+                    if ti["state"] in {"running", "queued", "scheduled", "up_for_retry", "restarting"}
+                ]
+            ),
+            300,
+            interval=0.5,
+            message=lambda: f"tasks of the ended negative-control run kept running: {topo.task_processes()}",
+        )
+        TIMINGS["negative control run (s)"] = round(time.monotonic() - started, 1)
+    finally:
+        emulator.clear_faults()
     after = emulator.stats.snapshot()
     delta = {k: after[k] - before.get(k, 0) for k in after}
     hostnames = {ti["hostname"] for ti in topo.task_instances(DAG_ID, run_id) if ti.get("hostname")}

@@ -14,8 +14,8 @@ Every time: the run succeeds, the tasks that failed succeed on a retry, the gran
 generation on, and the emulator (rotating refresh tokens, reuse revokes the grant) counts exactly
 one refresh, no reuse and no revocation: no refresh token was presented twice.
 
-The three run in that order, after every other scale-out test (``conftest.py`` puts this module
-last): a killed component is not restarted (CI budget: a worker takes about 30 s to start, an
+They run proxy timeout, worker kill, api-server kill, after every other scale-out test
+(``conftest.py`` puts this module last): a killed component is not restarted (CI budget: a worker takes about 30 s to start, an
 api-server about 40 s), so the api-server test runs with the 2 workers left; a test that needs the
 whole topology restarts what was killed first.
 
@@ -46,12 +46,19 @@ def _delta(emulator, before: dict[str, int]) -> dict[str, int]:
     return {k: after[k] - before.get(k, 0) for k in after}
 
 
-def _refresh_in_flight(emulator, before: dict[str, int]) -> bool:
-    """The token request reached the emulator and is being held there (not answered yet)."""
-    stats = emulator.stats.snapshot()
-    return stats["token_requests"] > before.get("token_requests", 0) and stats["refresh_grants"] == before.get(
-        "refresh_grants", 0
-    )
+def _held_refresh(topo, emulator) -> str | None:
+    """The api-server replica whose token request the emulator is holding right now (matched by
+    the request's source port), or None: a held request from anything else does not count."""
+    for port in emulator.held_requests("token"):
+        holder = topo.api_server_owning(port)
+        if holder is not None:
+            return holder
+    return None
+
+
+def _run_logs(topo, run_id: str) -> str:
+    """This run's task logs (on every worker still on disk), not the whole session's."""
+    return "\n".join(p.read_text(errors="replace") for p in topo.worker_log_files() if f"run_id={run_id}" in str(p))
 
 
 def _use_token_tis(topo, run_id: str) -> list[dict]:
@@ -126,7 +133,7 @@ def test_a_proxy_timeout_on_the_coordinator_causes_no_second_refresh(topology, e
     TIMINGS["proxy timeout: coordinator requests per replica"] = {
         u: sum(r["upstream"] == u for r in coordinator) for u in sorted({r["upstream"] for r in coordinator})
     }
-    logs = topo.all_logs()
+    logs = _run_logs(topo, run_id)
     assert "without a Papertrail-ai answer" in logs  # the worker said what happened
     assert "refreshing on this machine" not in logs
 
@@ -142,7 +149,7 @@ def test_a_worker_killed_mid_refresh_loses_nothing(topology, emulator):
     try:
 
         def worker_waiting_for_the_refresh() -> tuple[str, list[int]] | None:
-            if not _refresh_in_flight(emulator, before):
+            if _held_refresh(topo, emulator) is None:
                 return None
             running: dict[str, list[int]] = {}
             for ti in _use_token_tis(topo, run_id):
@@ -156,8 +163,10 @@ def test_a_worker_killed_mid_refresh_loses_nothing(topology, emulator):
             interval=0.1,
             message=lambda: f"no task waited for the held refresh: {emulator.stats.snapshot()}",
         )
-        assert _refresh_in_flight(emulator, before)  # still mid-refresh when the worker dies
+        holder = _held_refresh(topo, emulator)
+        assert holder is not None  # still mid-refresh when the worker dies
         topo.kill(victim)
+        assert _held_refresh(topo, emulator) == holder  # and still after: the kill hit mid-refresh
         TIMINGS["worker kill: killed, with tasks"] = {victim: on_victim}
 
         tis = _run_and_check(topo, emulator, conn_id, seeded, run_id, "worker kill")
@@ -167,7 +176,7 @@ def test_a_worker_killed_mid_refresh_loses_nothing(topology, emulator):
             assert by_index[index]["try_number"] >= 2, by_index[index]
             assert by_index[index]["hostname"] != victim, by_index[index]
         _assert_one_refresh(topo, emulator, conn_id, seeded, before)
-        assert "refreshing on this machine" not in topo.all_logs()
+        assert "refreshing on this machine" not in _run_logs(topo, run_id)
     finally:
         emulator.clear_faults()
 
@@ -185,10 +194,10 @@ def test_an_api_server_replica_killed_mid_refresh_loses_nothing(topology, emulat
         # The replica whose token request the emulator holds has the refresh claim; the other one
         # serves requests waiting for that claim (and Execution API calls): that one dies.
         holder = wait_until(
-            lambda: _refresh_in_flight(emulator, before) and topo.api_server_talking_to(emulator.port),
+            lambda: _held_refresh(topo, emulator),
             120,
             interval=0.1,
-            message=lambda: f"the refresh never reached the emulator: {emulator.stats.snapshot()}",
+            message=lambda: f"no api-server's refresh was held at the emulator: {emulator.stats.snapshot()}",
         )
         victim = next(f"api-server-{n}" for n in range(1, topo.api_server_count + 1) if f"api-server-{n}" != holder)
         port = topo.api_ports[int(victim.rsplit("-", 1)[1]) - 1]
@@ -198,8 +207,9 @@ def test_an_api_server_replica_killed_mid_refresh_loses_nothing(topology, emulat
             interval=0.05,
             message=f"{victim} served no request while the refresh was held",
         )
-        assert _refresh_in_flight(emulator, before)
+        assert _held_refresh(topo, emulator) == holder
         topo.kill(victim)
+        assert _held_refresh(topo, emulator) == holder  # the holder's refresh goes on
         TIMINGS["api-server kill: killed, serving requests"] = {victim: serving, "claim holder": holder}
 
         _run_and_check(topo, emulator, conn_id, seeded, run_id, "api-server kill")
@@ -207,6 +217,6 @@ def test_an_api_server_replica_killed_mid_refresh_loses_nothing(topology, emulat
         _assert_one_refresh(topo, emulator, conn_id, seeded, before)
         broken = [r for r in topo.proxy_requests()[log_start:] if r["status"] in {"502", "504"}]
         TIMINGS["api-server kill: requests the proxy answered 502/504"] = len(broken)
-        assert "refreshing on this machine" not in topo.all_logs()
+        assert "refreshing on this machine" not in _run_logs(topo, run_id)
     finally:
         emulator.clear_faults()

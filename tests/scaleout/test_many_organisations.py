@@ -61,7 +61,7 @@ def test_one_dead_grant_fails_only_its_own_organisation_across_workers(topology,
     # manifest, nothing of it in the live organisation's folder.
     failed = {t: ti for t, ti in dead_tasks.items() if "__" in t}
     assert len(failed) == EXTRACTS_PER_ORGANISATION and all(ti["state"] == "failed" for ti in failed.values()), summary
-    assert all(ti["try_number"] == 1 for ti in failed.values()), summary  # not retried
+    assert all(ti["try_number"] == 1 for ti in failed.values()), summary  # not retried (retries=2)
     assert dead_tasks["write_manifest"]["state"] == "upstream_failed", summary
     assert not list((base / dead).rglob("_MANIFEST.json"))
     logs = "\n".join(
@@ -74,6 +74,7 @@ def test_one_dead_grant_fails_only_its_own_organisation_across_workers(topology,
     delta = {k: v - before.get(k, 0) for k, v in emulator.stats.snapshot().items()}
     assert delta["refresh_grants"] == 1, delta  # the live grant, once
     assert delta["grants_revoked"] == 0, delta  # nothing revoked by reuse
+    assert delta["invalid_grant_errors"] == 1, delta  # the dead grant presented once, then never again
     assert stored_grants(topo)[live]["generation"] == seeded[live]["generation"] + 1
     all_logs = topo.all_logs()
     leaked = [s[:6] for s in emulator.issued_secrets if s in all_logs]

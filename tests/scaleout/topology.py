@@ -608,8 +608,18 @@ http {{
     def kill(self, name: str) -> list[int]:
         """SIGKILL a component and every process under it at once, as a host losing power would
         (a worker's private tmpfs mounts go with its namespace). Returns the pids killed."""
-        tree = self.process_tree(name)
         self.killed.add(name)
+        # Freeze the tree first (SIGSTOP), re-listing until no new child appears, so that no
+        # process forked between listing and killing escapes; then SIGKILL all at once.
+        tree = self.process_tree(name)
+        for _ in range(10):  # bounded
+            for proc in tree:
+                with contextlib.suppress(psutil.NoSuchProcess):
+                    proc.send_signal(signal.SIGSTOP)
+            again = self.process_tree(name)
+            if {p.pid for p in again} <= {p.pid for p in tree}:
+                break
+            tree = again
         for proc in tree:
             with contextlib.suppress(psutil.NoSuchProcess):
                 proc.send_signal(signal.SIGKILL)
@@ -645,18 +655,29 @@ http {{
             raise HarnessError(f"restart() knows workers and api-servers, not {name}")
         self.timings[f"restart_{name}_s"] = time.monotonic() - started
 
-    def api_server_talking_to(self, port: int) -> str | None:
-        """The api-server replica with an open TCP connection to ``127.0.0.1:port`` (e.g. the
-        one whose token request the emulator is holding), or None."""
+    def task_processes(self) -> list[int]:
+        """Task processes running on the workers now (Airflow titles them ``airflow worker -- <ti id>``)."""
+        found = []
+        for name in self.worker_names:
+            if name in self.killed:
+                continue
+            for proc in self.process_tree(name):
+                with contextlib.suppress(psutil.NoSuchProcess):
+                    if " ".join(proc.cmdline()).startswith("airflow worker --"):
+                        found.append(proc.pid)
+        return found
+
+    def api_server_owning(self, local_port: int) -> str | None:
+        """The api-server replica one of whose TCP sockets has ``local_port`` as its own port
+        (e.g. the source port of the token request the emulator is holding), or None."""
         for n in range(1, self.api_server_count + 1):
             name = f"api-server-{n}"
             if name in self.killed:
                 continue
             for proc in self.process_tree(name):
                 with contextlib.suppress(psutil.NoSuchProcess):
-                    for c in proc.net_connections(kind="tcp"):
-                        if c.raddr and c.raddr.port == port and c.status == psutil.CONN_ESTABLISHED:
-                            return name
+                    if any(c.laddr and c.laddr.port == local_port for c in proc.net_connections(kind="tcp")):
+                        return name
         return None
 
     def _start_worker(self, name: str) -> None:
