@@ -55,6 +55,10 @@ COMPAT_TESTS = [
     # the coordinator's use of it runs on 3.2.2 through test_refresh_coordinator/test_refresh_policy).
     "--ignore=tests/integration/test_packaging.py",
     "--ignore=tests/integration/test_postgres_locking.py",
+    # The slowest integration test (about 110 s: five dag.test() processes): the token store through
+    # real Variables and a key rotation. On 3.2.2 the same Variable path runs in the refresh policy,
+    # coordinator and grant-health tests; the budget goes to the scale-out suite beside it.
+    "--ignore=tests/integration/test_token_store_airflow.py",
     # The snapshot bookkeeping of the example extract DAG (folders, manifests) is ours, not
     # Airflow's; its layout test and the templated-interval test still run on 3.2.2.
     "--deselect=tests/integration/test_data_operators.py::test_two_runs_of_one_logical_date_land_in_two_folders",
@@ -129,7 +133,8 @@ def run_compat(pytest_args: list[str]) -> int:
     version = subprocess.run(
         [py, "-c", "import airflow; print(airflow.__version__)"], env=env, capture_output=True, text=True, check=True
     ).stdout.strip()
-    return run_step(f"pytest on Airflow {version}", [py, "-m", "pytest", *(pytest_args or COMPAT_TESTS)], env)
+    args = pytest_args or [*COMPAT_TESTS, "--durations=15"]
+    return run_step(f"pytest on Airflow {version}", [py, "-m", "pytest", *args], env)
 
 
 #: Supported Pythons besides the one the locked suite runs on (pyproject: 3.10-3.13).
@@ -308,7 +313,7 @@ def cmd_test(args: argparse.Namespace) -> int:
         for name, cmd in steps:
             if run_step(name, cmd, env) != 0:
                 failures.append(name)
-    rc = run_step("pytest", [py, "-m", "pytest", *args.pytest_args], env)
+    rc = run_step("pytest", [py, "-m", "pytest", *(args.pytest_args or ["--durations=25"])], env)
     if rc == 5:
         say("pytest collected no tests: that is a failure here")
         failures.append("pytest (no tests)")
