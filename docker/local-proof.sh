@@ -23,6 +23,7 @@
 #
 # LOCAL_PROOF_HEALTH_TIMEOUT (seconds, default 120): the timeout of the healthchecks that
 # import Airflow (the compose file says 10 s; on a loaded machine they take longer).
+# LOCAL_PROOF_API_TIMEOUT (seconds, default 60): [workers] execution_api_timeout (Airflow: 5 s).
 set -euo pipefail
 
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -44,7 +45,9 @@ while [[ $# -gt 0 ]]; do
     shift
 done
 [[ "$WORKERS" =~ ^[1-9][0-9]*$ ]] && ((WORKERS >= 2)) || { echo "--workers needs a number >= 2" >&2; exit 2; }
-[[ "${LOCAL_PROOF_HEALTH_TIMEOUT:-120}" =~ ^[1-9][0-9]*$ ]] || { echo "LOCAL_PROOF_HEALTH_TIMEOUT: seconds" >&2; exit 2; }
+for knob in LOCAL_PROOF_HEALTH_TIMEOUT LOCAL_PROOF_API_TIMEOUT; do
+    [[ "${!knob:-1}" =~ ^[1-9][0-9]*$ ]] || { echo "$knob: a number of seconds" >&2; exit 2; }
+done
 mkdir -p "$WORK"
 WORK=$(cd "$WORK" && pwd)
 WORK_ARG=""
@@ -76,6 +79,10 @@ FLOW_TIMEOUT=600
 # loaded one over a minute, past the compose file's 10 s timeout (then the service never turns
 # healthy). The proof allows this much (seconds); the compose file itself is unchanged.
 HEALTH_TIMEOUT=${LOCAL_PROOF_HEALTH_TIMEOUT:-120}
+# Likewise a task's calls to the Execution API ([workers] execution_api_timeout, Airflow's
+# default 5 s, "increase this value if you experience timeout errors under high load"): on a
+# loaded machine the api-server answers later and the task is killed after its retries.
+API_TIMEOUT=${LOCAL_PROOF_API_TIMEOUT:-60}
 REFRESH_TIMEOUT=600
 
 export COMPOSE_DOCKER_CLI_BUILD=0 DOCKER_BUILDKIT=0 # classic builder: no frontend image to pull
@@ -568,15 +575,18 @@ fi
                 printf '    healthcheck:\n      timeout: %ss\n' "$HEALTH_TIMEOUT"
                 ;;
         esac
+        if [[ " ${AIRFLOW_SERVICES[*]} " == *" $service "* ]]; then
+            echo "    environment:"
+            echo "      AIRFLOW__WORKERS__EXECUTION_API_TIMEOUT: \"$API_TIMEOUT\""
+            if ((CELERY)) && [[ "$service" == airflow-worker ]]; then
+                echo "      # $REFRESH_TASKS tasks, $((REFRESH_TASKS / 2)) slots per worker: one worker cannot take them all at once"
+                echo "      AIRFLOW__CELERY__WORKER_CONCURRENCY: \"$((REFRESH_TASKS / 2))\""
+            fi
+        fi
         ((CELERY)) || continue
         if [[ " ${AIRFLOW_SERVICES[*]} " == *" $service "* ]]; then
             echo "    volumes:"
             echo "      - $WORK/dags:/opt/airflow/dags"
-        fi
-        if [[ "$service" == airflow-worker ]]; then
-            echo "    environment:"
-            echo "      # $REFRESH_TASKS tasks, $((REFRESH_TASKS / 2)) slots per worker: one worker cannot take them all at once"
-            echo "      AIRFLOW__CELERY__WORKER_CONCURRENCY: \"$((REFRESH_TASKS / 2))\""
         fi
         if [[ "$service" == papertrail-emulator ]]; then
             echo "    # the service's own command line, run with an admin port (docker/proof_emulator.py)"
@@ -696,7 +706,7 @@ stored_grant() { # stored_grant read|expire: the last line of GRANT_PY's output
     timed_compose 180 exec -T airflow-scheduler python - "$1" <<<"$GRANT_PY" 2>>"$WORK/grant.log" | tail -n 1
 }
 REFRESH_STATUS=0
-WORKER_HOSTS="" GRANT_BEFORE="" GRANT_AFTER=""
+WORKER_HOSTS="" GRANT_BEFORE="" GRANT_AFTER="" COORDINATOR_CALLS=""
 if ((CELERY)) && ((FLOW_STATUS == 0)); then
     phase_start "refresh check ($REFRESH_TASKS tasks)"
     WORKER_HOSTS=$(compose ps -q airflow-worker | xargs docker inspect -f '{{.Config.Hostname}}' | paste -sd, -)
@@ -712,6 +722,16 @@ if ((CELERY)) && ((FLOW_STATUS == 0)); then
     set -e
     phase_end
     GRANT_AFTER=$(stored_grant read)
+    # the coordinator's requests in the api-server's access log, by answer and by worker
+    timed_compose 120 logs --no-color airflow-apiserver 2>/dev/null | grep 'path=/papertrail/token' \
+        >"$WORK/coordinator-requests.log" || true
+    COORDINATOR_CALLS=$(grep -o 'status_code=[0-9]*' "$WORK/coordinator-requests.log" | sort | uniq -c |
+        awk '{ n += $1; by = by sep $2 " x" $1; sep = ", " } END { printf "%d (%s)", n, by }' || true)
+    for id in $(compose ps -q airflow-worker); do
+        ip=$(docker inspect -f '{{range .NetworkSettings.Networks}}{{.IPAddress}}{{end}}' "$id")
+        COORDINATOR_CALLS+="; from $(docker inspect -f '{{.Config.Hostname}}' "$id"):"
+        COORDINATOR_CALLS+=" $(grep -cE "client_addr=['\"]?${ip//./\\.}([:'\" ]|$)" "$WORK/coordinator-requests.log" || true)"
+    done
     python3 - "$GRANT_BEFORE" "${GRANT_AFTER:-null}" <<'PY' || REFRESH_STATUS=1
 import json
 import sys
@@ -764,6 +784,7 @@ PY
     if ((CELERY)); then
         echo "refresh check (CeleryExecutor, $WORKERS workers: $WORKER_HOSTS):"
         echo "  stored grant before: $GRANT_BEFORE; after: $GRANT_AFTER"
+        echo "  refresh coordinator requests (POST /papertrail/token, api-server access log): $COORDINATOR_CALLS"
         python3 - "$WORK/refresh-summary.json" <<'PY'
 import json
 import sys
@@ -779,6 +800,9 @@ if c:
     print(f"  {c['run_id']}: run {c['state']}, {c['tasks_success']}/{c['tasks']} tasks success, "
           f"first start to last end {c['first_task_start_to_last_end_s']} s")
     print(f"  tasks per worker: {c['tasks_per_worker']}")
+    print(f"  tasks that asked for a token only once all {c['tasks']} had started: {c['left_the_barrier_together']}, "
+          f"released within {c['barrier_release_spread_s']} s (the last {c['released_after_release_at_s']} s after the "
+          "instant they were given)")
     print(f"  access tokens expired at the emulator: {c['access_tokens_expired_at_emulator']}")
     print(f"  emulator during the check: {d.get('refresh_grants', 0)} refresh(es), {d.get('token_requests', 0)} token "
           f"request(s), {d.get('invalid_grant_errors', 0)} invalid_grant, {d.get('grants_revoked', 0)} grants revoked, "

@@ -34,6 +34,8 @@ if TYPE_CHECKING:
     from collections.abc import Callable
 
 FINISHED_RUN = {"success", "failed"}
+# seconds per HTTP request: on a loaded 2-core machine the api-server can take tens of seconds
+REQUEST_TIMEOUT = 60
 FINISHED_TI = {"success", "failed", "skipped", "upstream_failed", "removed"}
 
 
@@ -58,7 +60,7 @@ class Api:
 
     def token(self, refresh: bool = False) -> str:
         if self._token is None or refresh:
-            with OPENER.open(f"{self.base_url}/auth/token", timeout=30) as resp:
+            with OPENER.open(f"{self.base_url}/auth/token", timeout=REQUEST_TIMEOUT) as resp:
                 self._token = str(json.load(resp)["access_token"])
         return self._token
 
@@ -72,7 +74,7 @@ class Api:
             if data is not None:
                 request.add_header("Content-Type", "application/json")
             try:
-                with OPENER.open(request, timeout=30) as resp:
+                with OPENER.open(request, timeout=REQUEST_TIMEOUT) as resp:
                     status, text = resp.status, resp.read().decode()
             except urllib.error.HTTPError as exc:
                 status, text = exc.code, exc.read().decode("utf-8", "replace")
@@ -87,9 +89,17 @@ class Api:
 
 
 def wait_until(what: str, timeout: float, check: Callable[[], Any], interval: float = 2.0) -> Any:
+    """Poll ``check`` until it returns something true. A check that cannot reach the api-server
+    (refused, or no answer within the request timeout: a loaded machine) counts as "not yet"."""
     deadline = time.monotonic() + timeout
     while True:
-        result = check()
+        try:
+            result = check()
+        except OSError as exc:  # TimeoutError, URLError; HTTP errors are answers (Api.call)
+            if time.monotonic() >= deadline:
+                raise
+            say(f"waiting for {what}: {type(exc).__name__}: {exc}; trying again")
+            result = None
         if result:
             return result
         if time.monotonic() >= deadline:
@@ -183,7 +193,7 @@ class ConsentForm(HTMLParser):
 
 def click_allow(consent_url: str, callback_prefix: str) -> str:
     """GET the consent page, submit its form as the Allow button does, follow the redirect."""
-    with OPENER.open(consent_url, timeout=30) as resp:
+    with OPENER.open(consent_url, timeout=REQUEST_TIMEOUT) as resp:
         page = resp.read().decode()
     form = ConsentForm()
     form.feed(page)
@@ -197,7 +207,7 @@ def click_allow(consent_url: str, callback_prefix: str) -> str:
     request = urllib.request.Request(post_url, data=data, method="POST")  # noqa: S310 - scheme checked above
     request.add_header("Content-Type", "application/x-www-form-urlencoded")
     try:
-        NO_REDIRECT.open(request, timeout=30)
+        NO_REDIRECT.open(request, timeout=REQUEST_TIMEOUT)
         raise RuntimeError("the consent form did not redirect")
     except urllib.error.HTTPError as exc:
         if exc.code not in (302, 303):
@@ -205,7 +215,7 @@ def click_allow(consent_url: str, callback_prefix: str) -> str:
         location = exc.headers["Location"]
     if not location.startswith(callback_prefix):
         raise RuntimeError(f"consent redirected elsewhere: {location.split('?')[0]}")
-    with OPENER.open(location, timeout=60) as resp:
+    with OPENER.open(location, timeout=2 * REQUEST_TIMEOUT) as resp:
         text = resp.read().decode("utf-8", "replace")
         return f"HTTP {resp.status}: {_title(text)}"
 
@@ -229,6 +239,12 @@ def main() -> int:
     check.add_argument("--emulator-admin", default="http://127.0.0.1:8444", help="proof_emulator.py's admin port")
     check.add_argument("--workers", default="", help="the Celery workers' hostnames, comma-separated")
     check.add_argument("--grant-before", default="{}", help='the stored grant: {"generation", "expires_in"}')
+    check.add_argument(
+        "--release-after",
+        type=float,
+        default=60.0,
+        help="seconds after the trigger at which every task asks for a token",
+    )
     args = parser.parse_args()
     for url in (args.base_url, args.emulator_admin):
         if urllib.parse.urlsplit(url).scheme not in ("http", "https"):
@@ -311,7 +327,7 @@ def admin(base_url: str, method: str, path: str) -> dict[str, Any]:
     """The emulator's admin port (docker/proof_emulator.py)."""
     url = f"{base_url.rstrip('/')}{path}"
     request = urllib.request.Request(url, data=b"" if method == "POST" else None, method=method)  # noqa: S310 - http(s) checked in main
-    with OPENER.open(request, timeout=30) as resp:
+    with OPENER.open(request, timeout=REQUEST_TIMEOUT) as resp:
         return dict(json.load(resp))
 
 
@@ -344,8 +360,10 @@ def refresh_check(api: Api, args: argparse.Namespace, summary: dict[str, Any]) -
     )
     t = time.monotonic()
     unpause(api, dag_id)
-    run_id = trigger(api, dag_id)
-    say(f"triggered {dag_id}: {run_id}")
+    # every task asks for its token at this instant (or once the last one started, if later)
+    release_at = time.time() + args.release_after
+    run_id = trigger(api, dag_id, {"release_at": release_at})
+    say(f"triggered {dag_id}: {run_id}; its tasks ask for a token {args.release_after:.0f} s from now")
     state = wait_for_run(api, dag_id, run_id, timeout)
     summary["phases"]["refresh_check_run"] = round(time.monotonic() - t, 1)
     after = admin(args.emulator_admin, "GET", "/stats")
@@ -363,6 +381,7 @@ def refresh_check(api: Api, args: argparse.Namespace, summary: dict[str, Any]) -
     starts = sorted(ti["start_date"] for ti in instances if ti.get("start_date"))
     ends = sorted(ti["end_date"] for ti in instances if ti.get("end_date"))
     generations = sorted({r["generation"] for r in reports})
+    released = [r["released_at"] for r in reports if r.get("released_at")]
     check = {
         "run_id": run_id,
         "state": state,
@@ -371,6 +390,9 @@ def refresh_check(api: Api, args: argparse.Namespace, summary: dict[str, Any]) -
         "tasks_per_worker": per_host,
         "worker_hostnames": args.workers.split(",") if args.workers else [],
         "first_task_start_to_last_end_s": _seconds(starts[0], ends[-1]) if starts and ends else None,
+        "left_the_barrier_together": sum(1 for r in reports if r.get("arrived_at_release", 0) >= args.expect_tasks),
+        "barrier_release_spread_s": round(max(released) - min(released), 2) if released else None,
+        "released_after_release_at_s": round(max(released) - release_at, 2) if released else None,
         "generation_before": grant_before["generation"],
         "generations_seen_by_tasks": generations,
         "access_tokens_expired_at_emulator": expired,
@@ -382,6 +404,10 @@ def refresh_check(api: Api, args: argparse.Namespace, summary: dict[str, Any]) -
     if state != "success" or check["tasks_success"] != args.expect_tasks or len(instances) != args.expect_tasks:
         problems.append(
             f"{check['tasks_success']}/{len(instances)} tasks succeeded (run {state}), wanted {args.expect_tasks}"
+        )
+    if check["left_the_barrier_together"] != args.expect_tasks:
+        problems.append(
+            f"only {check['left_the_barrier_together']} task(s) left the barrier with all {args.expect_tasks} started"
         )
     if len(per_host) < 2:
         problems.append(f"the tasks ran on {len(per_host)} worker(s): {per_host}")
