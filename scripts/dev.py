@@ -60,9 +60,17 @@ COMPAT_TESTS = [
     # coordinator and grant-health tests; the budget goes to the scale-out suite beside it.
     "--ignore=tests/integration/test_token_store_airflow.py",
     # The snapshot bookkeeping of the example extract DAG (folders, manifests) is ours, not
-    # Airflow's; its layout test and the templated-interval test still run on 3.2.2.
+    # Airflow's; its layout test still runs on 3.2.2.
     "--deselect=tests/integration/test_data_operators.py::test_two_runs_of_one_logical_date_land_in_two_folders",
     "--deselect=tests/integration/test_data_operators.py::test_a_run_with_a_failed_extract_leaves_no_manifest",
+    # On 3.2.2, dag.test() of the mapped extraction is several times slower than on 3.3.2 (the
+    # extract DAG's run 89 s against 29 s; papertrail_extract_many's 3-organisation run over the
+    # 300 s test timeout against 40 s, seen in CI): the extract DAG's own run stays here
+    # (test_extract_dag_writes_every_file), the many-organisations run and the templated-interval
+    # run are kept to the locked suite. Their DAGs still parse here (test_example_dags,
+    # test_example_dag_maps_one_task_group_per_organisation).
+    "--deselect=tests/integration/test_extract_many_dag.py::test_one_dead_grant_fails_only_its_own_organisation",
+    "--deselect=tests/integration/test_data_operators.py::test_the_data_interval_templated_into_query_params_arrives_as_text",
 ]
 UV_VERSION = "0.13.9"
 BIN = "Scripts" if os.name == "nt" else "bin"
@@ -254,6 +262,9 @@ def start_version_suites(env: dict[str, str]) -> tuple[subprocess.Popen[bytes], 
     :func:`finish_version_suites` prints."""
     child_env = dict(env)
     child_env["TMPDIR"] = tempfile.mkdtemp(prefix="papertrail-versions-")
+    # mkdtemp makes it 0700: the scale-out suite's PostgreSQL (run as the postgres user) must be
+    # able to reach its cluster directory below it (seen failing: initdb "Permission denied").
+    os.chmod(child_env["TMPDIR"], 0o711)  # noqa: S103 - traverse only, like /tmp itself allows
     # Servers of the two suites pick their ports from blocks of their own (tests/e2e/harness.py
     # free_port), below the kernel's ephemeral range: a port one suite picked cannot be taken by
     # the other before its server binds it.
