@@ -197,6 +197,9 @@ if ((DOWN)); then
     exit 0 # cleanup (the EXIT trap) does the rest
 fi
 
+# results of an earlier run in the same work dir (never read as this run's)
+rm -f "$WORK"/{summary.txt,failure.log,flow-summary.json,refresh-summary.json,coordinator-requests.log,grant.log}
+
 # --- a. Docker daemon -------------------------------------------------------------------------
 phase_start "docker daemon"
 if timeout 20 docker info >/dev/null 2>&1; then
