@@ -1,11 +1,12 @@
 """Scale-out tests (issue 11): a CeleryExecutor topology with workers in their own mount namespaces.
 
 Every test here is marked ``scaleout``; the ones that start the topology (they use the
-``topology`` fixture) are skipped unless ``PAPERTRAIL_SCALEOUT=1`` (CI budget: a topology takes
-1.5 to 3 minutes to start on 2 cores, the suite 6 to 7). The namespace check of
-``test_private_hosts.py`` takes a second and always runs. Run the whole suite with::
+``topology`` fixture) are skipped unless ``PAPERTRAIL_SCALEOUT=1``, which ``dev.py test`` (beside
+the main suite, after the Airflow 3.2 suite) and ``dev.py scaleout`` set: the main suite's own
+pytest run skips them (one topology takes 1.5 to 3 minutes to start on 2 cores, the suite 8 to
+12). The namespace check of ``test_private_hosts.py`` takes a second and always runs. Alone::
 
-    PAPERTRAIL_SCALEOUT=1 .venv/bin/python -m pytest tests/scaleout -q
+    python3 scripts/dev.py scaleout
 
 With the variable set, a machine that lacks a prerequisite (PostgreSQL, redis-server, nginx,
 root for ``unshare``) fails instead of skipping: asking for the suite and not running it is an error.
@@ -38,8 +39,8 @@ from tests.scaleout.topology import ScaleoutTopology, missing_prerequisites, top
 
 ENABLE_ENV = "PAPERTRAIL_SCALEOUT"
 SKIP_REASON = (
-    f"scale-out topology tests are opt-in (CI budget): run them with "
-    f"`{ENABLE_ENV}=1 .venv/bin/python -m pytest tests/scaleout -q`"
+    f"the scale-out topology tests run in `python3 scripts/dev.py test` (beside the main suite) or "
+    f"`python3 scripts/dev.py scaleout`; a plain pytest run skips them unless {ENABLE_ENV}=1"
 )
 
 
