@@ -1,6 +1,7 @@
 """32 tasks on a real scheduler (LocalExecutor, parallelism 8) with an expired access token and
 a rotating, reuse-detecting token endpoint: exactly one refresh, every task succeeds, the
-grant survives. Then again with 5xx, a slow token endpoint and a worker killed mid-refresh."""
+grant survives. Then again with 5xx, a slow token endpoint and a worker killed mid-refresh. Last,
+on the same stack, the harness's own smoke test (tests/e2e/smoke.py), which stops the stack."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from airflow_papertrail.testing.emulator import EmulatorClient, PapertrailEmulat
 from airflow_papertrail.token_store import VariableTokenStore
 from tests.conftest import remember_secrets
 from tests.e2e.harness import REPO
+from tests.e2e.smoke import run_stack_smoke
 
 DAG_ID = "papertrail_refresh_e2e"
 CONN_ID = "papertrail_e2e"
@@ -104,12 +106,13 @@ def _run(stack, **conf) -> tuple[str, dict]:
     return state, {ti["map_index"]: ti for ti in tis}
 
 
-# 300 s tokens are in the same regime as 3600 s ones (half their life, 150 s, exceeds the 120 s
-# leeway): tests/integration/test_refresh_policy.py runs 30, 300 and 3600 on both serializations;
-# here, with the real scheduler, the two regimes (CI's 30-minute budget).
-@pytest.mark.parametrize("ttl", [30, 3600])
+# tests/integration/test_refresh_policy.py runs lifetimes of 30, 300 and 3600 s on both
+# serializations. Here, with the real scheduler: 30 s (below the 120 s leeway, issue 9 item 1),
+# and 3600 s in test_faults_and_a_worker_killed_mid_refresh (32 tasks, exactly 1 refresh). A
+# separate 3600 s run of this test cost about a minute of CI (its 30-minute budget).
+@pytest.mark.parametrize("ttl", [30])
 def test_32_tasks_one_refresh(stack, emulator, ttl):
-    """Access-token lifetimes below and far above the 120 s leeway (issue 9, item 1)."""
+    """An access-token lifetime below the 120 s leeway (issue 9, item 1)."""
     emulator.access_token_ttl = ttl  # what the refresh issues
     generation = _store_expired_grant(stack, emulator)
     refreshes = emulator.stats["refresh_grants"]
@@ -151,3 +154,8 @@ def test_faults_and_a_worker_killed_mid_refresh(stack, emulator, tmp_path):
     assert emulator.stats["refresh_grants"] - refreshes == 1
     assert emulator.stats["grants_revoked"] == 0
     assert emulator.grant_is_active(_grant(stack)["token"]["refresh_token"])
+
+
+def test_the_stack_runs_a_deferring_dag_the_browser_follows_a_redirect_and_stop_leaves_nothing(stack, browser):
+    """Last in this module: it stops the stack (tests/e2e/smoke.py)."""
+    run_stack_smoke(stack, browser)
