@@ -6,6 +6,8 @@ on the same stack, the harness's own smoke test (tests/e2e/smoke.py), which stop
 from __future__ import annotations
 
 import json
+import sqlite3
+import threading
 import time
 
 import pytest
@@ -154,6 +156,25 @@ def test_faults_and_a_worker_killed_mid_refresh(stack, emulator, tmp_path):
     assert emulator.stats["refresh_grants"] - refreshes == 1
     assert emulator.stats["grants_revoked"] == 0
     assert emulator.grant_is_active(_grant(stack)["token"]["refresh_token"])
+
+
+def test_an_api_write_waits_out_a_busy_database(stack):
+    """CI once got HTTP 500 "Database error" for a PATCH: on a loaded machine a write waited for
+    SQLite's lock longer than pysqlite's default 5 s. The harness gives its stacks a 60 s busy
+    timeout (``?timeout=60``); here the lock is held for 8 s, as a busy component would."""
+    holder = sqlite3.connect(stack.home / "airflow.db", timeout=5, isolation_level=None, check_same_thread=False)
+    holder.execute("BEGIN IMMEDIATE")  # the write lock; readers go on
+    release = threading.Timer(8, holder.rollback)
+    started = time.monotonic()
+    release.start()
+    try:
+        stack.set_variable("e2e_busy_probe", "written")
+    finally:
+        release.join()
+        holder.close()
+    waited = time.monotonic() - started
+    assert waited >= 7, f"the write did not wait for the lock ({waited:.1f} s): the test proves nothing"
+    assert stack.variable("e2e_busy_probe") == "written"
 
 
 def test_the_stack_runs_a_deferring_dag_the_browser_follows_a_redirect_and_stop_leaves_nothing(stack, browser):
