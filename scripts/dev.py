@@ -55,6 +55,13 @@ COMPAT_TESTS = [
     # the coordinator's use of it runs on 3.2.2 through test_refresh_coordinator/test_refresh_policy).
     "--ignore=tests/integration/test_packaging.py",
     "--ignore=tests/integration/test_postgres_locking.py",
+    # Ours alone, no Airflow code runs: the streaming JSON parser (hypothesis, about 40 s), the
+    # docs' promises, the docker files. They run on the locked suite and on every Python.
+    "--ignore=tests/unit/api/test_jsonstream.py",
+    "--ignore=tests/unit/api/test_jsonstream_exact.py",
+    "--ignore=tests/unit/test_docs_consistency.py",
+    "--ignore=tests/unit/test_docs_troubleshooting.py",
+    "--ignore=tests/unit/test_docker.py",
     # The slowest integration test (about 110 s: five dag.test() processes): the token store through
     # real Variables and a key rotation. On 3.2.2 the same Variable path runs in the refresh policy,
     # coordinator and grant-health tests; the budget goes to the scale-out suite beside it.
@@ -459,6 +466,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
         AIRFLOW_HOME=str(home),
         AIRFLOW__CORE__LOAD_EXAMPLES="False",
         AIRFLOW__CORE__DAGS_FOLDER=str(ROOT / "dags"),
+        # SQLite's busy timeout: pysqlite's 5 s default made a busy machine's API writes fail
+        # with HTTP 500 "Database error" (tests/e2e/test_refresh_concurrency.py shows it)
+        AIRFLOW__DATABASE__SQL_ALCHEMY_CONN=f"sqlite:///{home / 'airflow.db'}?timeout=60",
         AIRFLOW__API__PORT=str(port),
         AIRFLOW__API__HOST="127.0.0.1",
         AIRFLOW__API__BASE_URL=base,
