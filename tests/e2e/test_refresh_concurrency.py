@@ -162,7 +162,7 @@ def test_an_api_write_waits_out_a_busy_database(stack):
     """CI once got HTTP 500 "Database error" for a PATCH: on a loaded machine a write waited for
     SQLite's lock longer than pysqlite's default 5 s. The harness gives its stacks a 60 s busy
     timeout (``?timeout=60``); here the lock is held for 8 s, as a busy component would."""
-    holder = sqlite3.connect(stack.home / "airflow.db", timeout=5, isolation_level=None, check_same_thread=False)
+    holder = sqlite3.connect(stack.home / "airflow.db", timeout=60, isolation_level=None, check_same_thread=False)
     holder.execute("BEGIN IMMEDIATE")  # the write lock; readers go on
     release = threading.Timer(8, holder.rollback)
     started = time.monotonic()
